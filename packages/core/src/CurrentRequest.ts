@@ -1,0 +1,22 @@
+/**
+ * What the gateway learns about one request as it handles it. Owned by that request's fiber:
+ * the handler fills it in, the access log reads it once the response has been sent.
+ */
+import type { Ids } from "@gateway/domain"
+import { Context } from "effect"
+
+export interface RequestInfo {
+  readonly requestId: Ids.RequestId
+  /** `performance.now()` when the request arrived. */
+  readonly startedAt: number
+  model?: string
+  backend?: string
+  stream?: boolean
+  /** Why the request failed, or why its stream broke after the first byte. */
+  error?: string
+}
+
+export class CurrentRequest extends Context.Tag("@gateway/core/CurrentRequest")<
+  CurrentRequest,
+  RequestInfo
+>() {}

@@ -1,0 +1,139 @@
+/**
+ * The gateway's HTTP surface: the OpenAI-compatible routes plus health and readiness, each
+ * response tagged with `x-request-id`, and one JSON access-log line per request once the
+ * response (a whole stream included) has been sent or the client has gone away.
+ */
+import { HttpServer, HttpServerRequest, HttpServerResponse } from "@effect/platform"
+import { Errors, Ids } from "@gateway/domain"
+import { Cause, Effect, Exit, Layer } from "effect"
+import { ChatCompletions } from "./ChatCompletions.js"
+import { CurrentRequest, type RequestInfo } from "./CurrentRequest.js"
+import * as ErrorResponse from "./ErrorResponse.js"
+import { Models } from "./Models.js"
+import { Readiness } from "./Readiness.js"
+
+const json = (body: unknown, status = 200) =>
+  HttpServerResponse.text(JSON.stringify(body), { status, contentType: "application/json" })
+
+const pathOf = (url: string) => {
+  const q = url.indexOf("?")
+  return q === -1 ? url : url.slice(0, q)
+}
+
+/** The routes, as one app needing the current request's info. */
+export const make = Effect.gen(function* () {
+  const chat = yield* ChatCompletions
+  const models = yield* Models
+  const readiness = yield* Readiness
+  const modelList = json(models.list)
+  const healthy = json({ status: "ok" })
+
+  const route = (
+    request: HttpServerRequest.HttpServerRequest,
+    info: RequestInfo
+  ): Effect.Effect<HttpServerResponse.HttpServerResponse, Errors.GatewayError> => {
+    const path = pathOf(request.url)
+    switch (path) {
+      case "/v1/chat/completions":
+      case "/chat/completions":
+        if (request.method === "POST") return chat.handle(request, info)
+        break
+      case "/v1/models":
+      case "/models":
+        if (request.method === "GET") return Effect.succeed(modelList)
+        break
+      case "/health":
+        if (request.method === "GET") return Effect.succeed(healthy)
+        break
+      case "/ready":
+        if (request.method === "GET") {
+          return Effect.map(readiness.report, (report) =>
+            json(
+              { status: report.ready ? "ready" : "not_ready", checks: report.checks },
+              report.ready ? 200 : 503
+            )
+          )
+        }
+        break
+    }
+    if (path.startsWith("/v1/models/") && request.method === "GET") {
+      const id = decodeURIComponent(path.slice("/v1/models/".length))
+      const model = models.list.data.find((m) => m.id === id)
+      return model === undefined
+        ? Effect.fail(new Errors.ModelNotFound({ model: id }))
+        : Effect.succeed(json(model))
+    }
+    return Effect.fail(new Errors.RouteNotFound({ method: request.method, path }))
+  }
+
+  const app = Effect.gen(function* () {
+    const request = yield* HttpServerRequest.HttpServerRequest
+    const info = yield* CurrentRequest
+    return yield* route(request, info)
+  }).pipe(
+    Effect.catchAll((error) => {
+      const response = ErrorResponse.fromError(error)
+      return Effect.succeed(
+        error._tag === "PayloadTooLarge"
+          ? HttpServerResponse.setHeader(response, "connection", "close")
+          : response
+      )
+    }),
+    Effect.catchAllCause((cause) =>
+      Effect.as(Effect.logError("unhandled failure", cause), ErrorResponse.toResponse(ErrorResponse.internal))
+    ),
+    Effect.flatMap((response) =>
+      Effect.map(CurrentRequest, (info) =>
+        HttpServerResponse.setHeader(response, "x-request-id", info.requestId)
+      )
+    )
+  )
+  return app
+})
+
+/** Status recorded for a client that went away before the response was complete (as nginx). */
+const CLIENT_CLOSED = 499
+
+/** Gives each request its info, and logs it after the response has been sent. */
+const withAccessLog = <E, R>(
+  app: Effect.Effect<HttpServerResponse.HttpServerResponse, E, R>
+): Effect.Effect<
+  HttpServerResponse.HttpServerResponse,
+  E,
+  Exclude<R, CurrentRequest> | HttpServerRequest.HttpServerRequest
+> =>
+  Effect.flatMap(HttpServerRequest.HttpServerRequest, (request) => {
+    const info: RequestInfo = {
+      requestId: Ids.requestIdFrom(request.headers["x-request-id"]),
+      startedAt: performance.now()
+    }
+    return app.pipe(
+      Effect.provideService(CurrentRequest, info),
+      Effect.onExit((exit) => {
+        const status = Exit.isSuccess(exit)
+          ? exit.value.status
+          : Cause.isInterruptedOnly(exit.cause)
+            ? CLIENT_CLOSED
+            : 500
+        const fields: Record<string, unknown> = {
+          request_id: info.requestId,
+          method: request.method,
+          path: pathOf(request.url),
+          status,
+          latency_ms: Math.round((performance.now() - info.startedAt) * 100) / 100
+        }
+        if (info.model !== undefined) fields.model = info.model
+        if (info.backend !== undefined) fields.backend = info.backend
+        if (info.stream !== undefined) fields.stream = info.stream
+        if (info.error !== undefined) fields.error = info.error
+        const api = fields.path !== "/health" && fields.path !== "/ready"
+        const log = api ? Effect.logInfo("request") : Effect.logDebug("request")
+        return Effect.annotateLogs(log, fields)
+      })
+    )
+  })
+
+/** Serves the gateway on whatever `HttpServer` is provided. */
+export const layer = Layer.unwrapEffect(Effect.map(make, (app) => HttpServer.serve(app, withAccessLog))).pipe(
+  Layer.provide([ChatCompletions.Default, Readiness.Default])
+)

@@ -1,0 +1,85 @@
+/**
+ * Errors that cross a boundary (HTTP, later RPC and the event log). The HTTP layer turns each of
+ * them into the OpenAI error shape in one place (`@gateway/core/ErrorResponse`).
+ */
+import { Schema } from "effect"
+
+/** The request body or a field of it is wrong; `param` names the field when there is one. */
+export class InvalidRequest extends Schema.TaggedError<InvalidRequest>()("InvalidRequest", {
+  message: Schema.String,
+  param: Schema.NullOr(Schema.String),
+  code: Schema.NullOr(Schema.String)
+}) {}
+
+/** The body is larger than the configured limit. */
+export class PayloadTooLarge extends Schema.TaggedError<PayloadTooLarge>()("PayloadTooLarge", {
+  limitBytes: Schema.Number
+}) {
+  override get message() {
+    return `Request body exceeds the limit of ${this.limitBytes} bytes.`
+  }
+}
+
+/** No configured model answers to this name. */
+export class ModelNotFound extends Schema.TaggedError<ModelNotFound>()("ModelNotFound", {
+  model: Schema.String
+}) {
+  override get message() {
+    return `The model '${this.model}' does not exist or you do not have access to it.`
+  }
+}
+
+/** No route matches the method and path. */
+export class RouteNotFound extends Schema.TaggedError<RouteNotFound>()("RouteNotFound", {
+  method: Schema.String,
+  path: Schema.String
+}) {
+  override get message() {
+    return `Unknown request URL: ${this.method} ${this.path}.`
+  }
+}
+
+/** Why talking to a backend failed. */
+export const BackendFailure = Schema.Literal(
+  /** TCP connect failed (refused, reset, unreachable). */
+  "Connect",
+  /** No answer within the configured time. */
+  "Timeout",
+  /** The backend answered with an error status; `status` and `upstream` say which. */
+  "Http",
+  /** The body broke off or could not be read. */
+  "StreamBroken",
+  /** The backend answered something that is not the OpenAI wire format. */
+  "Protocol"
+)
+export type BackendFailure = typeof BackendFailure.Type
+
+/** A backend attempt failed. `upstream` is the backend's own error body when it sent one. */
+export class BackendError extends Schema.TaggedError<BackendError>()("BackendError", {
+  reason: BackendFailure,
+  backend: Schema.String,
+  status: Schema.optional(Schema.Number),
+  detail: Schema.String,
+  upstream: Schema.optional(Schema.Unknown)
+}) {
+  override get message() {
+    return `Backend ${this.backend} failed (${this.reason}): ${this.detail}`
+  }
+  /** Worth another attempt (elsewhere or later): connect errors, timeouts, 429 and 5xx. */
+  get retryable(): boolean {
+    return this.reason !== "Http" || this.status === undefined || this.status === 429 || this.status >= 500
+  }
+}
+
+/** The gateway cannot take the request now (e.g. not ready, shutting down). */
+export class ServiceUnavailable extends Schema.TaggedError<ServiceUnavailable>()("ServiceUnavailable", {
+  message: Schema.String
+}) {}
+
+export type GatewayError =
+  | InvalidRequest
+  | PayloadTooLarge
+  | ModelNotFound
+  | RouteNotFound
+  | BackendError
+  | ServiceUnavailable

@@ -1,0 +1,27 @@
+import { Schema } from "effect"
+
+/** Identifies one request end to end: logs, headers, and (later) its event stream `request-<id>`. */
+export const RequestId = Schema.String.pipe(
+  Schema.pattern(/^[A-Za-z0-9._:-]{1,128}$/),
+  Schema.brand("@gateway/RequestId")
+)
+export type RequestId = typeof RequestId.Type
+
+/** The public name of a model as clients send it in the `model` field. */
+export const ModelName = Schema.NonEmptyTrimmedString.pipe(Schema.brand("@gateway/ModelName"))
+export type ModelName = typeof ModelName.Type
+
+/** A configured backend replica, unique across the whole config. */
+export const BackendId = Schema.String.pipe(
+  Schema.pattern(/^[A-Za-z0-9._-]{1,64}$/),
+  Schema.brand("@gateway/BackendId")
+)
+export type BackendId = typeof BackendId.Type
+
+const isRequestId = Schema.is(RequestId)
+
+/** Accepts a client-supplied request id when it is well-formed, otherwise makes a fresh one. */
+export const requestIdFrom = (header: string | undefined): RequestId =>
+  header !== undefined && isRequestId(header)
+    ? header
+    : RequestId.make(crypto.randomUUID(), { disableValidation: true })

@@ -1,0 +1,75 @@
+/**
+ * The embedded default (`pnpm start` with no `GATEWAY_CONFIG`): one simulated model server per
+ * loopback backend of the bundled config, started in this process before the gateway, and a
+ * banner saying what runs and how to call it.
+ */
+import { NodeContext } from "@effect/platform-node"
+import { BackendSim } from "@gateway/backend-sim"
+import { ConfigLoader } from "@gateway/core"
+import { Console, Effect, Layer } from "effect"
+import type * as Gateway from "./Gateway.js"
+
+/** Latency profiles that make the demo feel like a small and a large model. */
+const profiles: Record<
+  string,
+  { readonly ttftMs: number; readonly itlMs: number; readonly outputTokens: number }
+> = {
+  small: { ttftMs: 25, itlMs: 8, outputTokens: 24 },
+  large: { ttftMs: 120, itlMs: 20, outputTokens: 48 }
+}
+
+const isLoopback = (url: URL) =>
+  url.hostname === "127.0.0.1" || url.hostname === "localhost" || url.hostname === "[::1]"
+
+const banner = (port: number, host: string, models: ReadonlyArray<string>, sims: ReadonlyArray<string>) => {
+  const base = `http://${host === "0.0.0.0" ? "127.0.0.1" : host}:${port}`
+  return [
+    "",
+    "  LLM gateway — embedded default",
+    `  listening    ${base}`,
+    `  models       ${models.join(", ")}`,
+    ...sims.map((s) => `  simulated    ${s}`),
+    "",
+    "  Try it:",
+    `    curl ${base}/v1/chat/completions -H 'content-type: application/json' \\`,
+    `      -d '{"model":"${models[0]}","messages":[{"role":"user","content":"Hello!"}],"stream":true}'`,
+    "",
+    `  OpenAI SDK: new OpenAI({ baseURL: "${base}/v1", apiKey: "unused" })`,
+    ""
+  ].join("\n")
+}
+
+/** Simulators for the config's loopback backends, then `gateway`, then the banner. */
+export const layer = <E, R>(options: Gateway.Options, gateway: Layer.Layer<never, E, R>) =>
+  Layer.unwrapScoped(
+    Effect.gen(function* () {
+      const config = yield* ConfigLoader.load(options.configPath)
+      const sims: Array<string> = []
+      for (const model of config.models) {
+        for (const backend of model.backends) {
+          const url = new URL(backend.url)
+          if (!isLoopback(url)) continue
+          const sim = yield* BackendSim.make({
+            port: Number(url.port),
+            host: url.hostname === "localhost" ? "127.0.0.1" : url.hostname.replace(/^\[|\]$/g, ""),
+            model: model.upstreamModel ?? model.name,
+            ...profiles[model.name]
+          })
+          sims.push(`${backend.id} (${model.name}) at ${sim.url}`)
+        }
+      }
+      const port = options.port ?? config.server.port
+      const host = options.host ?? config.server.host
+      const announce = Layer.effectDiscard(
+        Console.log(
+          banner(
+            port,
+            host,
+            config.models.map((m) => m.name),
+            sims
+          )
+        )
+      )
+      return Layer.provideMerge(announce, gateway)
+    })
+  ).pipe(Layer.provide(NodeContext.layer))

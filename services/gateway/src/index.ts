@@ -1,0 +1,2 @@
+export * as Embedded from "./Embedded.js"
+export * as Gateway from "./Gateway.js"
