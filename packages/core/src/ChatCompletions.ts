@@ -4,12 +4,13 @@
  */
 import { type HttpServerRequest, HttpServerResponse } from "@effect/platform"
 import { Errors, OpenAi } from "@gateway/domain"
-import { Effect, Either, ParseResult, Stream } from "effect"
+import { Effect, Either, ParseResult } from "effect"
 import type { RequestInfo } from "./CurrentRequest.js"
 import * as ErrorResponse from "./ErrorResponse.js"
 import { Models } from "./Models.js"
 import * as RequestBody from "./RequestBody.js"
 import { Settings } from "./Settings.js"
+import * as SseRelay from "./SseRelay.js"
 import { Upstream } from "./Upstream.js"
 
 const decoder = new TextDecoder()
@@ -81,19 +82,16 @@ export class ChatCompletions extends Effect.Service<ChatCompletions>()("@gateway
             headers: { "x-gateway-backend": target.backend.id }
           })
         }
-        return HttpServerResponse.stream(
-          answer.body.pipe(
-            Stream.catchAll((error) => {
-              // Headers are gone: end the stream with an OpenAI error event, and no [DONE].
-              info.error = error.message
-              return Stream.succeed(ErrorResponse.toSseEvent(ErrorResponse.render(error)))
-            })
-          ),
-          {
-            contentType: "text/event-stream",
-            headers: { ...sseHeaders, "x-gateway-backend": target.backend.id }
-          }
-        )
+        const relayed = SseRelay.relay(answer.body, (cause) => {
+          // Headers are gone: end the stream with an OpenAI error event, and no [DONE].
+          const error = answer.failure(cause)
+          info.error = error.message
+          return ErrorResponse.toSseEvent(ErrorResponse.render(error))
+        })
+        return HttpServerResponse.raw(relayed, {
+          contentType: "text/event-stream",
+          headers: { ...sseHeaders, "x-gateway-backend": target.backend.id }
+        })
       })
 
     return { handle } as const

@@ -12,8 +12,9 @@ export interface Target {
   readonly backend: GatewayConfig.BackendConfig
   /** `model` as the backend expects it in the request body. */
   readonly upstreamModel: string
-  /** Absolute URL of the backend's chat-completions endpoint. */
-  readonly chatUrl: string
+  /** The backend's `scheme://host:port`, and the path of its chat-completions endpoint. */
+  readonly origin: string
+  readonly chatPath: string
   readonly timeouts: GatewayConfig.Timeouts
   readonly apiKey: Option.Option<Redacted.Redacted>
 }
@@ -22,8 +23,6 @@ interface Entry {
   readonly targets: ReadonlyArray<Target>
   next: number
 }
-
-const joinUrl = (base: string, path: string) => `${base.replace(/\/+$/, "")}${path}`
 
 export class Models extends Effect.Service<Models>()("@gateway/core/Models", {
   effect: Effect.gen(function* () {
@@ -38,12 +37,15 @@ export class Models extends Effect.Service<Models>()("@gateway/core/Models", {
             ? Option.none()
             : Option.some(yield* Config.redacted(backend.apiKeyEnv))
         // A base URL may or may not include the `/v1` prefix (OpenAI's does, vLLM's usually not).
-        const chatPath = /\/v1\/?$/.test(backend.url) ? "/chat/completions" : "/v1/chat/completions"
+        const base = new URL(backend.url)
+        const prefix = base.pathname.replace(/\/+$/, "")
+        const chatPath = `${prefix}${/\/v1$/.test(prefix) ? "" : "/v1"}/chat/completions`
         targets.push({
           model,
           backend,
           upstreamModel: model.upstreamModel ?? model.name,
-          chatUrl: joinUrl(backend.url, chatPath),
+          origin: base.origin,
+          chatPath,
           timeouts,
           apiKey
         })

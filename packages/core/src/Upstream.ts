@@ -2,8 +2,10 @@
  * The port to a model server. An adapter (OpenAI-compatible today; Anthropic and others later)
  * maps the OpenAI request onto its backend and the backend's answer back onto the OpenAI format.
  */
+
+import type { Readable } from "node:stream"
 import type { Errors, Ids, OpenAi } from "@gateway/domain"
-import { Context, type Effect, type Stream } from "effect"
+import { Context, type Effect } from "effect"
 import type { Target } from "./Models.js"
 
 export interface ChatRequest {
@@ -22,10 +24,15 @@ export interface Complete {
   readonly body: Uint8Array
 }
 
-/** An SSE answer (`stream: true`): bytes forwarded as they arrive; a break fails the stream. */
+/**
+ * An SSE answer (`stream: true`): the backend's bytes as a Node stream, relayed without Effect's
+ * per-chunk machinery (the hot path). Destroying `body` aborts the attempt; `failure` types the
+ * error `body` emits when it breaks.
+ */
 export interface Streaming {
   readonly _tag: "Streaming"
-  readonly body: Stream.Stream<Uint8Array, Errors.BackendError>
+  readonly body: Readable
+  readonly failure: (cause: unknown) => Errors.BackendError
 }
 
 export type ChatResponse = Complete | Streaming

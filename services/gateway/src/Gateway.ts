@@ -6,7 +6,7 @@ import { createServer } from "node:http"
 import { NodeContext, NodeHttpServer } from "@effect/platform-node"
 import { ConfigLoader, HttpApp, Models, OpenAiCompatible, Settings } from "@gateway/core"
 import { GatewayConfig } from "@gateway/domain"
-import { Config, Effect, Layer, LogLevel, Option } from "effect"
+import { Config, ConfigError, Effect, Either, Layer, LogLevel, Option } from "effect"
 
 /** How the process was asked to run (from the environment, or from a test). */
 export interface Options {
@@ -30,8 +30,32 @@ export const optionsFromEnv = (defaultConfigPath: string) =>
     } satisfies Options
   })
 
-/** `LOG_LEVEL` (trace, debug, info, warning, error), info by default. */
-export const logLevelFromEnv = Config.logLevel("LOG_LEVEL").pipe(Config.withDefault(LogLevel.Info))
+const levels: Record<string, LogLevel.LogLevel> = {
+  trace: LogLevel.Trace,
+  debug: LogLevel.Debug,
+  info: LogLevel.Info,
+  warn: LogLevel.Warning,
+  warning: LogLevel.Warning,
+  error: LogLevel.Error,
+  fatal: LogLevel.Fatal,
+  none: LogLevel.None
+}
+
+/** `LOG_LEVEL` (trace, debug, info, warn, error, none; any case), info by default. */
+export const logLevelFromEnv = Config.string("LOG_LEVEL").pipe(
+  Config.mapOrFail((name) => {
+    const level = levels[name.toLowerCase()]
+    return level === undefined
+      ? Either.left(
+          ConfigError.InvalidData(
+            ["LOG_LEVEL"],
+            `expected one of ${Object.keys(levels).join(", ")}, got '${name}'`
+          )
+        )
+      : Either.right(level)
+  }),
+  Config.withDefault(LogLevel.Info)
+)
 
 const server = Layer.unwrapEffect(
   Effect.gen(function* () {
@@ -71,5 +95,7 @@ export const layer = (options: Options) =>
     Layer.provide(Models.Models.Default),
     Layer.provide(OpenAiCompatible.layer),
     Layer.provideMerge(server),
-    Layer.provide(settings(options))
+    Layer.provide(settings(options)),
+    // Spans cost allocations on every request; tracing turns them on when an exporter is set.
+    Layer.provide(Layer.setTracerEnabled(false))
   )

@@ -5,7 +5,7 @@
 import { fileURLToPath } from "node:url"
 import { NodeRuntime } from "@effect/platform-node"
 import { Logging } from "@gateway/core"
-import { Config, Effect, Layer, Option } from "effect"
+import { Config, Effect, Layer, Logger, LogLevel, Option } from "effect"
 import * as Embedded from "./Embedded.js"
 import * as Gateway from "./Gateway.js"
 
@@ -17,10 +17,10 @@ const program = Effect.gen(function* () {
   const level = yield* Gateway.logLevelFromEnv
   const gateway = Gateway.layer(options)
   const app = Option.isSome(explicit) ? gateway : Embedded.layer(options, gateway)
-  return yield* Layer.launch(app).pipe(Effect.provide(Logging.layer(level)))
+  return yield* Layer.launch(app).pipe(Effect.provide(Logger.minimumLogLevel(level)))
 })
 
-NodeRuntime.runMain(program.pipe(Effect.tapErrorCause(Effect.logError)), {
-  disableErrorReporting: true,
-  disablePrettyLogger: true
-})
+NodeRuntime.runMain(
+  program.pipe(Effect.tapErrorCause(Effect.logError), Effect.provide(Logging.layer(LogLevel.Info))),
+  { disableErrorReporting: true, disablePrettyLogger: true }
+)
