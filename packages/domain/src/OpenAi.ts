@@ -26,12 +26,17 @@ export const InputAudioPart = Schema.Struct({
 })
 export const FilePart = Schema.Struct({ type: Schema.Literal("file"), file: Schema.Object })
 export const RefusalPart = Schema.Struct({ type: Schema.Literal("refusal"), refusal: Schema.String })
+  .annotations({ identifier: "TextPart" })
+  .annotations({ identifier: "ImageUrlPart" })
+  .annotations({ identifier: "InputAudioPart" })
+  .annotations({ identifier: "FilePart" })
+  .annotations({ identifier: "RefusalPart" })
 
 const knownPartTypes = new Set(["text", "image_url", "input_audio", "file", "refusal"])
 /** A part type the gateway does not know (e.g. vLLM's `video_url`): passed through as is. */
 export const OtherPart = Schema.Struct({
   type: Schema.String.pipe(Schema.filter((t) => !knownPartTypes.has(t) || `unknown content part type`))
-})
+}).annotations({ identifier: "OtherPart" })
 
 export const ContentPart = Schema.Union(
   TextPart,
@@ -40,7 +45,7 @@ export const ContentPart = Schema.Union(
   FilePart,
   RefusalPart,
   OtherPart
-)
+).annotations({ identifier: "ContentPart" })
 export type ContentPart = typeof ContentPart.Type
 
 const TextContent = Schema.Union(Schema.String, Schema.Array(TextPart))
@@ -53,7 +58,7 @@ export const ToolCall = Schema.Struct({
   id: Schema.String,
   type: Schema.Literal("function"),
   function: Schema.Struct({ name: Schema.String, arguments: Schema.String })
-})
+}).annotations({ identifier: "ToolCall" })
 export type ToolCall = typeof ToolCall.Type
 
 export const FunctionDefinition = Schema.Struct({
@@ -61,31 +66,41 @@ export const FunctionDefinition = Schema.Struct({
   description: Schema.optional(Schema.String),
   parameters: Schema.optional(Schema.Object),
   strict: opt(Schema.Boolean)
-})
+}).annotations({ identifier: "FunctionDefinition" })
 
-export const Tool = Schema.Struct({ type: Schema.Literal("function"), function: FunctionDefinition })
+export const Tool = Schema.Struct({
+  type: Schema.Literal("function"),
+  function: FunctionDefinition
+}).annotations({ identifier: "Tool" })
 export type Tool = typeof Tool.Type
 
 export const ToolChoice = Schema.Union(
   Schema.Literal("none", "auto", "required"),
   Schema.Struct({ type: Schema.Literal("function"), function: Schema.Struct({ name: Schema.String }) })
-)
+).annotations({ identifier: "ToolChoice" })
 
 // ---------------------------------------------------------------------------------------------
 // Messages
 // ---------------------------------------------------------------------------------------------
 
 export const SystemMessage = Schema.Struct({
-  role: Schema.Literal("system", "developer"),
+  role: Schema.Literal("system"),
   content: TextContent,
   name: Schema.optional(Schema.String)
-})
+}).annotations({ identifier: "SystemMessage" })
+
+/** The newer name OpenAI gives system instructions for reasoning models. */
+export const DeveloperMessage = Schema.Struct({
+  role: Schema.Literal("developer"),
+  content: TextContent,
+  name: Schema.optional(Schema.String)
+}).annotations({ identifier: "DeveloperMessage" })
 
 export const UserMessage = Schema.Struct({
   role: Schema.Literal("user"),
   content: Schema.Union(Schema.String, Schema.Array(ContentPart)),
   name: Schema.optional(Schema.String)
-})
+}).annotations({ identifier: "UserMessage" })
 
 export const AssistantMessage = Schema.Struct({
   role: Schema.Literal("assistant"),
@@ -94,22 +109,23 @@ export const AssistantMessage = Schema.Struct({
   refusal: opt(Schema.String),
   tool_calls: opt(Schema.Array(ToolCall)),
   function_call: opt(Schema.Struct({ name: Schema.String, arguments: Schema.String }))
-})
+}).annotations({ identifier: "AssistantMessage" })
 
 export const ToolMessage = Schema.Struct({
   role: Schema.Literal("tool"),
   content: TextContent,
   tool_call_id: Schema.String
-})
+}).annotations({ identifier: "ToolMessage" })
 
 export const FunctionMessage = Schema.Struct({
   role: Schema.Literal("function"),
   name: Schema.String,
   content: Schema.NullOr(Schema.String)
-})
+}).annotations({ identifier: "FunctionMessage" })
 
 export const Message = Schema.Union(
   SystemMessage,
+  DeveloperMessage,
   UserMessage,
   AssistantMessage,
   ToolMessage,
@@ -133,16 +149,18 @@ export const ResponseFormat = Schema.Union(
       strict: opt(Schema.Boolean)
     })
   })
-)
+).annotations({ identifier: "ResponseFormat" })
 
-export const StreamOptions = Schema.Struct({ include_usage: Schema.optional(Schema.Boolean) })
+export const StreamOptions = Schema.Struct({ include_usage: Schema.optional(Schema.Boolean) }).annotations({
+  identifier: "StreamOptions"
+})
 
 /** `POST /v1/chat/completions` body. Unknown fields are kept (see `decodeChatCompletionRequest`). */
 export const ChatCompletionRequest = Schema.Struct({
   model: Schema.String.pipe(Schema.minLength(1, { message: () => "model must be a non-empty string" })),
-  messages: Schema.NonEmptyArray(Message).annotations({
-    message: () => "messages must be a non-empty array of chat messages"
-  }),
+  messages: Schema.Array(Message).pipe(
+    Schema.minItems(1, { message: () => "messages must contain at least one message" })
+  ),
   stream: opt(Schema.Boolean),
   stream_options: opt(StreamOptions),
   temperature: opt(Schema.Number.pipe(Schema.between(0, 2))),
@@ -182,7 +200,7 @@ export const Usage = Schema.Struct({
   total_tokens: NonNegativeInt,
   prompt_tokens_details: opt(Schema.Struct({ cached_tokens: Schema.optional(NonNegativeInt) })),
   completion_tokens_details: opt(Schema.Struct({ reasoning_tokens: Schema.optional(NonNegativeInt) }))
-})
+}).annotations({ identifier: "Usage" })
 export type Usage = typeof Usage.Type
 
 export const FinishReason = Schema.Literal("stop", "length", "tool_calls", "content_filter", "function_call")

@@ -1,0 +1,75 @@
+import { PassThrough, type Readable } from "node:stream"
+import { describe, expect, it } from "@effect/vitest"
+import { SseRelay } from "@gateway/core"
+
+const collect = (stream: Readable) =>
+  new Promise<string>((resolve, reject) => {
+    let text = ""
+    stream.on("data", (chunk: Buffer) => {
+      text += chunk.toString()
+    })
+    stream.once("end", () => resolve(text))
+    stream.once("error", reject)
+  })
+
+const breakEvent = new TextEncoder().encode('data: {"error":{"message":"broken"}}\n\n')
+
+describe("SseRelay", () => {
+  it("forwards every chunk in order and ends when the source ends", async () => {
+    const source = new PassThrough()
+    const out = SseRelay.relay(source, () => breakEvent)
+    const text = collect(out)
+    source.write("data: 1\n\n")
+    source.write("data: 2\n\n")
+    source.end("data: [DONE]\n\n")
+    expect(await text).toBe("data: 1\n\ndata: 2\n\ndata: [DONE]\n\n")
+  })
+
+  it("passes each chunk on as soon as it arrives", async () => {
+    const source = new PassThrough()
+    const out = SseRelay.relay(source, () => breakEvent)
+    const first = new Promise<string>((resolve) =>
+      out.once("data", (chunk: Buffer) => resolve(chunk.toString()))
+    )
+    source.write("data: first\n\n")
+    expect(await first).toBe("data: first\n\n")
+    source.end()
+  })
+
+  it("ends with the break event, not an error, when the source breaks", async () => {
+    const source = new PassThrough()
+    let cause: unknown
+    const out = SseRelay.relay(source, (c) => {
+      cause = c
+      return breakEvent
+    })
+    const text = collect(out)
+    source.write("data: 1\n\n")
+    source.destroy(new Error("other side closed"))
+    expect(await text).toBe('data: 1\n\ndata: {"error":{"message":"broken"}}\n\n')
+    expect((cause as Error).message).toBe("other side closed")
+  })
+
+  it("destroys the source when the client side goes away", async () => {
+    const source = new PassThrough()
+    const out = SseRelay.relay(source, () => breakEvent)
+    out.resume()
+    source.write("data: 1\n\n")
+    const closed = new Promise<void>((resolve) => source.once("close", () => resolve()))
+    out.destroy()
+    await closed
+    expect(source.destroyed).toBe(true)
+  })
+
+  it("applies back-pressure: a slow reader pauses the source", async () => {
+    const source = new PassThrough({ highWaterMark: 16 })
+    const out = SseRelay.relay(source, () => breakEvent)
+    const big = "x".repeat(64 * 1024)
+    for (let i = 0; i < 8; i++) source.write(big)
+    await new Promise((resolve) => setImmediate(resolve))
+    expect(source.isPaused()).toBe(true)
+    const text = collect(out)
+    source.end()
+    expect((await text).length).toBe(8 * big.length)
+  })
+})
