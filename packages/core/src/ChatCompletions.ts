@@ -92,7 +92,7 @@ export class ChatCompletions extends Effect.Service<ChatCompletions>()("@gateway
           contentType: "text/event-stream",
           headers: { ...sseHeaders, "x-gateway-backend": target.backend.id }
         })
-      })
+      }).pipe(Effect.withSpan("ChatCompletions.handle"))
 
     return { handle } as const
   })

@@ -69,25 +69,25 @@ export const make = Effect.gen(function* () {
   const app = Effect.gen(function* () {
     const request = yield* HttpServerRequest.HttpServerRequest
     const info = yield* CurrentRequest
-    return yield* route(request, info)
-  }).pipe(
-    Effect.catchAll((error) => {
-      const response = ErrorResponse.fromError(error)
-      return Effect.succeed(
-        error._tag === "PayloadTooLarge"
-          ? HttpServerResponse.setHeader(response, "connection", "close")
-          : response
-      )
-    }),
-    Effect.catchAllCause((cause) =>
-      Effect.as(Effect.logError("unhandled failure", cause), ErrorResponse.toResponse(ErrorResponse.internal))
-    ),
-    Effect.flatMap((response) =>
-      Effect.map(CurrentRequest, (info) =>
-        HttpServerResponse.setHeader(response, "x-request-id", info.requestId)
+    const response = yield* route(request, info).pipe(
+      Effect.catchAll((error) => {
+        info.error = error.message
+        const response = ErrorResponse.fromError(error)
+        return Effect.succeed(
+          error._tag === "PayloadTooLarge"
+            ? HttpServerResponse.setHeader(response, "connection", "close")
+            : response
+        )
+      }),
+      Effect.catchAllCause((cause) =>
+        Effect.as(
+          Effect.logError("unhandled failure", cause),
+          ErrorResponse.toResponse(ErrorResponse.internal)
+        )
       )
     )
-  )
+    return HttpServerResponse.setHeader(response, "x-request-id", info.requestId)
+  })
   return app
 })
 

@@ -161,7 +161,7 @@ export const make = (dispatcher: Undici.Dispatcher) => {
             resume(Effect.fail(failure(target, controller.signal.reason ?? cause, "request")))
           }
         )
-    })
+    }).pipe(Effect.withSpan("Upstream.chat", { attributes: { backend: target.backend.id, stream } }))
   }
 
   return Upstream.of({ chat })

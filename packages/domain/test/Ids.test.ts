@@ -1,5 +1,5 @@
-import { Ids } from "@gateway/domain"
 import { describe, expect, it } from "@effect/vitest"
+import { Ids } from "@gateway/domain"
 
 describe("requestIdFrom", () => {
   it("keeps a well-formed client request id", () => {

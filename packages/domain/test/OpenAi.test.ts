@@ -1,5 +1,5 @@
-import { OpenAi } from "@gateway/domain"
 import { describe, expect, it } from "@effect/vitest"
+import { OpenAi } from "@gateway/domain"
 import { Either, ParseResult, Schema } from "effect"
 
 const decode = OpenAi.decodeChatCompletionRequest

@@ -4,8 +4,9 @@
  */
 import { fileURLToPath } from "node:url"
 import { NodeRuntime } from "@effect/platform-node"
-import { Logging } from "@gateway/core"
-import { Config, Effect, Layer, Logger, LogLevel, Option } from "effect"
+import { BackendSim } from "@gateway/backend-sim"
+import { ConfigLoader, Logging } from "@gateway/core"
+import { Cause, Config, Effect, Layer, Logger, LogLevel, Option } from "effect"
 import * as Embedded from "./Embedded.js"
 import * as Gateway from "./Gateway.js"
 
@@ -20,7 +21,23 @@ const program = Effect.gen(function* () {
   return yield* Layer.launch(app).pipe(Effect.provide(Logger.minimumLogLevel(level)))
 })
 
+/** A one-line reason for a failed start, naming the remedy where there is an obvious one. */
+const reason = (error: unknown): string => {
+  if (error instanceof ConfigLoader.ConfigError) return error.message
+  if (error instanceof BackendSim.BackendSimError)
+    return `a simulated backend could not start: ${error.message}`
+  const cause = (error as { cause?: unknown }).cause
+  if ((error as { _tag?: unknown })._tag === "ServeError" && cause instanceof Error) {
+    return `cannot listen: ${cause.message} (set PORT or HOST to use another address)`
+  }
+  return error instanceof Error ? error.message : String(error)
+}
+
 NodeRuntime.runMain(
-  program.pipe(Effect.tapErrorCause(Effect.logError), Effect.provide(Logging.layer(LogLevel.Info))),
+  program.pipe(
+    Effect.tapError((error) => Effect.logError(`gateway failed to start: ${reason(error)}`)),
+    Effect.tapDefect((defect) => Effect.logError("gateway crashed", Cause.die(defect))),
+    Effect.provide(Logging.layer(LogLevel.Info))
+  ),
   { disableErrorReporting: true, disablePrettyLogger: true }
 )
