@@ -82,12 +82,18 @@ export class ChatCompletions extends Effect.Service<ChatCompletions>()("@gateway
             headers: { "x-gateway-backend": target.backend.id }
           })
         }
-        const relayed = SseRelay.relay(answer.body, (cause) => {
-          // Headers are gone: end the stream with an OpenAI error event, and no [DONE].
-          const error = answer.failure(cause)
-          info.error = error.message
-          return ErrorResponse.toSseEvent(ErrorResponse.render(error))
-        })
+        const relayed = SseRelay.relay(
+          answer.body,
+          (cause) => {
+            // Headers are gone: end the stream with an OpenAI error event, and no [DONE].
+            const error = answer.failure(cause)
+            info.error = error.message
+            return ErrorResponse.toSseEvent(ErrorResponse.render(error))
+          },
+          () => {
+            info.clientClosed = true
+          }
+        )
         return HttpServerResponse.raw(relayed, {
           contentType: "text/event-stream",
           headers: { ...sseHeaders, "x-gateway-backend": target.backend.id }

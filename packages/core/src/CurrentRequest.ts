@@ -14,6 +14,8 @@ export interface RequestInfo {
   stream?: boolean
   /** Why the request failed, or why its stream broke after the first byte. */
   error?: string
+  /** The client went away before the whole answer was sent. */
+  clientClosed?: boolean
 }
 
 export class CurrentRequest extends Context.Tag("@gateway/core/CurrentRequest")<

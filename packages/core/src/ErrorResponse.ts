@@ -9,6 +9,7 @@ import { Schema } from "effect"
 export interface Rendered {
   readonly status: number
   readonly body: OpenAi.ErrorBody
+  readonly headers?: Readonly<Record<string, string>>
 }
 
 const body = (
@@ -92,8 +93,12 @@ export const render = (error: Errors.GatewayError): Rendered => {
       return { status: 404, body: body(error.message, "invalid_request_error", "unknown_url") }
     case "ServiceUnavailable":
       return { status: 503, body: body(error.message, "api_error", "service_unavailable") }
-    case "BackendError":
-      return renderBackend(error)
+    case "BackendError": {
+      const rendered = renderBackend(error)
+      return error.retryAfter === undefined
+        ? rendered
+        : { ...rendered, headers: { "retry-after": error.retryAfter } }
+    }
   }
 }
 

@@ -4,6 +4,7 @@
  * response (a whole stream included) has been sent or the client has gone away.
  */
 import { HttpServer, HttpServerRequest, HttpServerResponse } from "@effect/platform"
+import { NodeHttpServerRequest } from "@effect/platform-node"
 import { Errors, Ids } from "@gateway/domain"
 import { Cause, Effect, Exit, Layer } from "effect"
 import { ChatCompletions } from "./ChatCompletions.js"
@@ -69,7 +70,14 @@ export const make = Effect.gen(function* () {
   const app = Effect.gen(function* () {
     const request = yield* HttpServerRequest.HttpServerRequest
     const info = yield* CurrentRequest
+    // The platform runs apps uninterruptibly; the route must yield to a client that goes away.
     const response = yield* route(request, info).pipe(
+      Effect.interruptible,
+      Effect.onInterrupt(() =>
+        Effect.sync(() => {
+          info.clientClosed = true
+        })
+      ),
       Effect.catchAll((error) => {
         info.error = error.message
         const response = ErrorResponse.fromError(error)
@@ -79,9 +87,9 @@ export const make = Effect.gen(function* () {
             : response
         )
       }),
-      Effect.catchAllCause((cause) =>
+      Effect.catchAllDefect((defect) =>
         Effect.as(
-          Effect.logError("unhandled failure", cause),
+          Effect.logError("unhandled failure", Cause.die(defect)),
           ErrorResponse.toResponse(ErrorResponse.internal)
         )
       )
@@ -94,7 +102,7 @@ export const make = Effect.gen(function* () {
 /** Status recorded for a client that went away before the response was complete (as nginx). */
 const CLIENT_CLOSED = 499
 
-/** Gives each request its info, and logs it after the response has been sent. */
+/** Gives each request its info, and logs it after the response has been sent or abandoned. */
 const withAccessLog = <E, R>(
   app: Effect.Effect<HttpServerResponse.HttpServerResponse, E, R>
 ): Effect.Effect<
@@ -110,11 +118,12 @@ const withAccessLog = <E, R>(
     return app.pipe(
       Effect.provideService(CurrentRequest, info),
       Effect.onExit((exit) => {
-        const status = Exit.isSuccess(exit)
-          ? exit.value.status
-          : Cause.isInterruptedOnly(exit.cause)
-            ? CLIENT_CLOSED
-            : 500
+        const status = info.clientClosed
+          ? CLIENT_CLOSED
+          : Exit.isSuccess(exit)
+            ? exit.value.status
+            : NodeHttpServerRequest.toServerResponse(request).statusCode
+        if (info.clientClosed && info.error === undefined) info.error = "client closed the connection"
         const fields: Record<string, unknown> = {
           request_id: info.requestId,
           method: request.method,

@@ -34,20 +34,25 @@ const describe = (cause: unknown): string => {
   return String(cause)
 }
 
-const timeoutCodes = new Set(["UND_ERR_CONNECT_TIMEOUT", "UND_ERR_HEADERS_TIMEOUT", "UND_ERR_BODY_TIMEOUT"])
+const timeoutCodes = new Set(["UND_ERR_CONNECT_TIMEOUT"])
 
-/** Sent as the abort reason when the attempt's total time runs out. */
+/** Abort reasons of the attempt's own timers (undici's timers are too coarse below a second). */
+class FirstByteTimeout extends Error {}
 class TotalTimeout extends Error {}
 
 /** A transport failure before or while reading the answer, as a typed `BackendError`. */
 const failure = (target: Target, cause: unknown, phase: "request" | "body"): Errors.BackendError => {
   const backend = target.backend.id
   const code = codeOf(cause)
-  if (cause instanceof TotalTimeout || (typeof code === "string" && timeoutCodes.has(code))) {
+  if (
+    cause instanceof TotalTimeout ||
+    cause instanceof FirstByteTimeout ||
+    (typeof code === "string" && timeoutCodes.has(code))
+  ) {
     const detail =
       cause instanceof TotalTimeout
         ? `no complete answer within ${target.timeouts.totalMs} ms`
-        : code === "UND_ERR_HEADERS_TIMEOUT"
+        : cause instanceof FirstByteTimeout
           ? `no response headers within ${target.timeouts.firstByteMs} ms`
           : describe(cause)
     return new Errors.BackendError({ reason: "Timeout", backend, detail })
@@ -59,7 +64,7 @@ const failure = (target: Target, cause: unknown, phase: "request" | "body"): Err
   })
 }
 
-/** Reads a whole body; undici's `bodyTimeout` bounds the gaps, the attempt's timer the total. */
+/** Reads a whole body; the attempt's timer bounds the time it takes. */
 const readAll = (body: Undici.Dispatcher.ResponseData["body"]): Promise<Uint8Array> =>
   new Promise((resolve, reject) => {
     const chunks: Array<Buffer> = []
@@ -88,12 +93,14 @@ const httpError = async (
   } catch {
     // The error status is what matters; an unreadable error body is left out.
   }
+  const retryAfter = response.headers["retry-after"]
   return new Errors.BackendError({
     reason: "Http",
     backend: target.backend.id,
     status: response.statusCode,
     detail: `HTTP ${response.statusCode}`,
-    upstream
+    upstream,
+    ...(typeof retryAfter === "string" ? { retryAfter } : {})
   })
 }
 
@@ -113,8 +120,13 @@ export const make = (dispatcher: Undici.Dispatcher) => {
       const onInterrupt = () => controller.abort()
       interrupted.addEventListener("abort", onInterrupt, { once: true })
       const timer = setTimeout(() => controller.abort(new TotalTimeout()), target.timeouts.totalMs)
+      const headersTimer = setTimeout(
+        () => controller.abort(new FirstByteTimeout()),
+        target.timeouts.firstByteMs
+      )
       const done = () => {
         clearTimeout(timer)
+        clearTimeout(headersTimer)
         interrupted.removeEventListener("abort", onInterrupt)
       }
 
@@ -126,11 +138,13 @@ export const make = (dispatcher: Undici.Dispatcher) => {
           headers,
           body: outgoingBody(request),
           signal: controller.signal,
-          headersTimeout: target.timeouts.firstByteMs,
-          bodyTimeout: target.timeouts.totalMs
+          // The attempt's own timers bound headers and total time.
+          headersTimeout: 0,
+          bodyTimeout: 0
         })
         .then(
           async (response) => {
+            clearTimeout(headersTimer)
             if (response.statusCode < 200 || response.statusCode >= 300) {
               const error = await httpError(target, response)
               done()

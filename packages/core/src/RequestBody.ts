@@ -1,11 +1,16 @@
 /**
  * Reads a request body into memory under a byte limit: a declared `content-length` over the limit
- * is refused before reading, a chunked body as soon as it crosses the limit.
+ * is refused before reading; a chunked body that crosses the limit is read to its end and thrown
+ * away (up to `drainLimitBytes`) so the client, still sending, receives the 413 rather than a
+ * reset connection.
  */
 import type { HttpServerRequest } from "@effect/platform"
 import { NodeHttpServerRequest } from "@effect/platform-node"
 import { Errors } from "@gateway/domain"
 import { Effect } from "effect"
+
+/** How much of an oversized chunked body is drained before giving up on the connection. */
+const drainLimitBytes = 16 * 1024 * 1024
 
 export const read = (
   request: HttpServerRequest.HttpServerRequest,
@@ -26,17 +31,23 @@ export const read = (
     }
     const onData = (chunk: Buffer) => {
       size += chunk.length
-      if (size > limitBytes) {
+      if (size <= limitBytes) {
+        chunks.push(chunk)
+      } else if (size > limitBytes + drainLimitBytes) {
         cleanup()
         source.pause()
         resume(Effect.fail(new Errors.PayloadTooLarge({ limitBytes })))
       } else {
-        chunks.push(chunk)
+        chunks.length = 0
       }
     }
     const onEnd = () => {
       cleanup()
-      resume(Effect.succeed(chunks.length === 1 ? chunks[0]! : Buffer.concat(chunks, size)))
+      resume(
+        size > limitBytes
+          ? Effect.fail(new Errors.PayloadTooLarge({ limitBytes }))
+          : Effect.succeed(chunks.length === 1 ? chunks[0]! : Buffer.concat(chunks, size))
+      )
     }
     const onError = (error: Error) => {
       cleanup()

@@ -60,7 +60,9 @@ export class BackendError extends Schema.TaggedError<BackendError>()("BackendErr
   backend: Schema.String,
   status: Schema.optional(Schema.Number),
   detail: Schema.String,
-  upstream: Schema.optional(Schema.Unknown)
+  upstream: Schema.optional(Schema.Unknown),
+  /** The backend's `retry-after` header, passed on to the client with a 429 or 503. */
+  retryAfter: Schema.optional(Schema.String)
 }) {
   override get message() {
     return `Backend ${this.backend} failed (${this.reason}): ${this.detail}`

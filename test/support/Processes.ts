@@ -1,0 +1,331 @@
+/**
+ * Real processes for the end-to-end tests: the simulated backend and the gateway, each started
+ * as `node --import tsx <main.ts>` from the repository root, waited for on `GET /health`, and
+ * stopped by PID (SIGTERM, then SIGKILL after a grace period) when their scope closes. A test file
+ * starts its processes once, in a scoped layer (`layer(..., { excludeTestServices: true })`).
+ */
+import { spawn } from "node:child_process"
+import * as Fs from "node:fs/promises"
+import * as Net from "node:net"
+import * as Os from "node:os"
+import * as Path from "node:path"
+import * as Readline from "node:readline"
+import { fileURLToPath } from "node:url"
+import { Duration, Effect, Option, type Scope } from "effect"
+import type { SimConfig, SimServer } from "../../services/backend-sim/src/index.js"
+
+/** The repository root, where `node --import tsx` finds tsx and the workspace packages. */
+const root = fileURLToPath(new URL("../../", import.meta.url))
+
+const graceMs = 3000
+const startDeadline: Duration.DurationInput = "20 seconds"
+
+/**
+ * Polls `check` every 10 ms until it returns a value (not `undefined`), or dies naming `what`
+ * once `timeout` has passed.
+ */
+export const eventually = <A, E, R>(
+  what: string,
+  check: Effect.Effect<A | undefined, E, R>,
+  timeout: Duration.DurationInput = "3 seconds"
+): Effect.Effect<A, E, R> => {
+  const poll: Effect.Effect<A, E, R> = Effect.flatMap(check, (value) =>
+    value === undefined ? Effect.zipRight(Effect.sleep("10 millis"), poll) : Effect.succeed(value)
+  )
+  return poll.pipe(
+    Effect.timeoutOption(timeout),
+    Effect.flatMap(
+      Option.match({
+        onNone: () => Effect.dieMessage(`not reached within ${Duration.format(timeout)}: ${what}`),
+        onSome: Effect.succeed
+      })
+    )
+  )
+}
+
+/** A TCP port that was free on 127.0.0.1 a moment ago. */
+export const freePort: Effect.Effect<number> = Effect.async((resume) => {
+  const server = Net.createServer()
+  server.once("error", (error) => resume(Effect.die(error)))
+  server.listen(0, "127.0.0.1", () => {
+    const address = server.address()
+    const port = typeof address === "object" && address !== null ? address.port : 0
+    server.close(() => resume(port > 0 ? Effect.succeed(port) : Effect.dieMessage("no free port")))
+  })
+})
+
+/** A temporary directory, removed with its content when the scope closes. */
+export const tempDir: Effect.Effect<string, never, Scope.Scope> = Effect.acquireRelease(
+  Effect.promise(() => Fs.mkdtemp(Path.join(Os.tmpdir(), "gateway-e2e-"))),
+  (dir) => Effect.promise(() => Fs.rm(dir, { recursive: true, force: true }))
+)
+
+/** A child process; its output is kept line by line for assertions and error messages. */
+export interface Child {
+  readonly name: string
+  readonly pid: number
+  readonly stdout: ReadonlyArray<string>
+  readonly stderr: ReadonlyArray<string>
+  /** The exit code (null when ended by a signal), or undefined while it runs. */
+  readonly exitCode: () => number | null | undefined
+  /** Resolves once the process has exited and its output has been read to the end. */
+  readonly exited: Promise<number | null>
+  /** Everything it wrote, for error messages. */
+  readonly output: () => string
+}
+
+const signal = (pid: number, name: NodeJS.Signals) => {
+  try {
+    process.kill(pid, name)
+  } catch {
+    // Already gone.
+  }
+}
+
+/** Waits up to `ms` for the process to exit; interruptible even inside a finalizer. */
+const awaitExit = (child: Child, ms: number): Effect.Effect<boolean> =>
+  Effect.promise(() => child.exited).pipe(
+    Effect.interruptible,
+    Effect.timeoutOption(ms),
+    Effect.map(Option.isSome)
+  )
+
+/** SIGTERM, then SIGKILL if the process is still there after the grace period. */
+const stop = (child: Child): Effect.Effect<void> =>
+  Effect.gen(function* () {
+    if (child.exitCode() !== undefined) return
+    signal(child.pid, "SIGTERM")
+    if (yield* awaitExit(child, graceMs)) return
+    console.warn(`${child.name} (pid ${child.pid}) ignored SIGTERM for ${graceMs} ms: sending SIGKILL`)
+    signal(child.pid, "SIGKILL")
+    yield* awaitExit(child, 2000)
+  })
+
+/**
+ * Starts `node --import tsx <script> ...args` in the repository root; stopped when the scope closes.
+ * The environment is this process's without `NODE_OPTIONS` and `SIM_*` (which would change the
+ * simulator's defaults), plus `env`.
+ */
+export const spawnNode = (
+  name: string,
+  script: string,
+  args: ReadonlyArray<string>,
+  env: Readonly<Record<string, string>> = {}
+): Effect.Effect<Child, never, Scope.Scope> =>
+  Effect.acquireRelease(
+    Effect.sync(() => {
+      const inherited = Object.fromEntries(
+        Object.entries(process.env).filter(([key]) => key !== "NODE_OPTIONS" && !key.startsWith("SIM_"))
+      )
+      const proc = spawn(process.execPath, ["--import", "tsx", script, ...args], {
+        cwd: root,
+        env: { ...inherited, ...env },
+        stdio: ["ignore", "pipe", "pipe"]
+      })
+      const pid = proc.pid
+      if (pid === undefined) throw new Error(`${name}: could not start ${process.execPath}`)
+      const stdout: Array<string> = []
+      const stderr: Array<string> = []
+      proc.on("error", (error) => stderr.push(`spawn error: ${error.message}`))
+      Readline.createInterface({ input: proc.stdout }).on("line", (line) => stdout.push(line))
+      Readline.createInterface({ input: proc.stderr }).on("line", (line) => stderr.push(line))
+      let code: number | null | undefined
+      // `close` comes after `exit` once stdout and stderr have ended: the output is complete.
+      const exited = new Promise<number | null>((resolve) =>
+        proc.once("close", (c) => {
+          code = c
+          resolve(c)
+        })
+      )
+      return {
+        name,
+        pid,
+        stdout,
+        stderr,
+        exitCode: () => code,
+        exited,
+        output: () => [...stdout, ...stderr].join("\n")
+      } satisfies Child
+    }),
+    stop
+  )
+
+/** Waits until `GET url/health` answers 200; dies with the process's output if it exits first. */
+const waitHealthy = (child: Child, url: string): Effect.Effect<void> =>
+  eventually(
+    `${child.name} answers GET ${url}/health`,
+    Effect.suspend(() => {
+      if (child.exitCode() !== undefined) {
+        return Effect.dieMessage(`${child.name} exited with ${child.exitCode()}:\n${child.output()}`)
+      }
+      return Effect.promise(() =>
+        fetch(`${url}/health`, { signal: AbortSignal.timeout(1000) }).then(
+          async (res) => {
+            await res.arrayBuffer()
+            return res.status === 200 ? true : undefined
+          },
+          () => undefined
+        )
+      )
+    }),
+    startDeadline
+  ).pipe(Effect.asVoid)
+
+const getJson = (url: string): Effect.Effect<any> =>
+  Effect.promise(() =>
+    fetch(url).then((res) => {
+      if (!res.ok) throw new Error(`GET ${url}: HTTP ${res.status}`)
+      return res.json()
+    })
+  )
+
+const postJson = (url: string, body: unknown): Effect.Effect<any> =>
+  Effect.promise(() =>
+    fetch(url, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify(body)
+    }).then(async (res) => {
+      if (!res.ok) throw new Error(`POST ${url}: HTTP ${res.status} ${await res.text()}`)
+      return res.json()
+    })
+  )
+
+// ---------------------------------------------------------------------------------------------
+// The simulated backend
+// ---------------------------------------------------------------------------------------------
+
+export interface Sim {
+  readonly url: string
+  readonly child: Child
+  readonly stats: Effect.Effect<SimServer.SimStats>
+  /**
+   * Applies `patch` (`POST /sim/config`) for the rest of the current scope, then puts the patched
+   * options back as they were: use it in `it.scoped`.
+   */
+  readonly withConfig: (patch: SimConfig.SimOptionsPatch) => Effect.Effect<void, never, Scope.Scope>
+}
+
+const kebab = (key: string) => key.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)
+
+/**
+ * Starts the simulator on `options.port` (a free port when not given) with these start-up flags
+ * (`ttftMs: 50` is `--ttft-ms 50`; `refuseConnections`, a bare flag, is left to `withConfig`).
+ */
+export const startSim = (
+  options: Omit<SimConfig.SimOptionsPatch, "refuseConnections">
+): Effect.Effect<Sim, never, Scope.Scope> =>
+  Effect.gen(function* () {
+    const port = options.port ?? (yield* freePort)
+    const flags = Object.entries({ ...options, port, host: "127.0.0.1" }).flatMap(([key, value]) =>
+      value === undefined ? [] : [`--${kebab(key)}`, String(value)]
+    )
+    const child = yield* spawnNode("backend-sim", "services/backend-sim/src/main.ts", flags)
+    const url = `http://127.0.0.1:${port}`
+    yield* waitHealthy(child, url)
+    const configure = (patch: Record<string, unknown>) => postJson(`${url}/sim/config`, patch)
+    return {
+      url,
+      child,
+      stats: getJson(`${url}/sim/stats`),
+      withConfig: (patch) =>
+        Effect.acquireRelease(
+          Effect.gen(function* () {
+            const before: Record<string, unknown> = yield* getJson(`${url}/sim/config`)
+            yield* configure(patch)
+            // An option that was unset is cleared with null.
+            return Object.fromEntries(Object.keys(patch).map((key) => [key, before[key] ?? null]))
+          }),
+          (restore) => configure(restore)
+        ).pipe(Effect.asVoid)
+    } satisfies Sim
+  })
+
+// ---------------------------------------------------------------------------------------------
+// The gateway
+// ---------------------------------------------------------------------------------------------
+
+/** One JSON line of the gateway's stdout (its access log has `msg: "request"`). */
+export type LogLine = Record<string, unknown>
+
+export interface Gateway {
+  readonly url: string
+  readonly child: Child
+  /** Every stdout line so far that is a JSON object. */
+  readonly logs: () => ReadonlyArray<LogLine>
+  /** Waits (3 s by default) for the access-log line of the request with this `x-request-id`. */
+  readonly accessLog: (requestId: string, timeout?: Duration.DurationInput) => Effect.Effect<LogLine>
+}
+
+const parseLine = (line: string): Array<LogLine> => {
+  try {
+    const value: unknown = JSON.parse(line)
+    return typeof value === "object" && value !== null ? [value as LogLine] : []
+  } catch {
+    return []
+  }
+}
+
+/** Writes `config` as JSON into a temporary directory (removed with the scope); returns its path. */
+export const writeConfig = (config: unknown): Effect.Effect<string, never, Scope.Scope> =>
+  Effect.gen(function* () {
+    const path = Path.join(yield* tempDir, "gateway.json")
+    yield* Effect.promise(() => Fs.writeFile(path, JSON.stringify(config, null, 2)))
+    return path
+  })
+
+const gatewayEnv = (configPath: string, port: number) => ({
+  GATEWAY_CONFIG: configPath,
+  PORT: String(port),
+  HOST: "127.0.0.1",
+  LOG_LEVEL: "info"
+})
+
+/** Starts the gateway with `config` (the file format, snake_case) on a free loopback port. */
+export const startGateway = (config: unknown): Effect.Effect<Gateway, never, Scope.Scope> =>
+  Effect.gen(function* () {
+    const configPath = yield* writeConfig(config)
+    const port = yield* freePort
+    const child = yield* spawnNode(
+      "gateway",
+      "services/gateway/src/main.ts",
+      [],
+      gatewayEnv(configPath, port)
+    )
+    const url = `http://127.0.0.1:${port}`
+    yield* waitHealthy(child, url)
+    const logs = () => child.stdout.flatMap(parseLine)
+    return {
+      url,
+      child,
+      logs,
+      accessLog: (requestId, timeout) =>
+        eventually(
+          `access log line of request ${requestId}`,
+          Effect.sync(() => logs().find((l) => l.msg === "request" && l.request_id === requestId)),
+          timeout
+        )
+    } satisfies Gateway
+  })
+
+/** Runs the gateway on the config file at `configPath` until it exits on its own (within `timeout`). */
+export const runGatewayToExit = (
+  configPath: string,
+  timeout: Duration.DurationInput = "20 seconds"
+): Effect.Effect<{ readonly code: number | null; readonly output: string }, never, Scope.Scope> =>
+  Effect.gen(function* () {
+    const port = yield* freePort
+    const child = yield* spawnNode(
+      "gateway",
+      "services/gateway/src/main.ts",
+      [],
+      gatewayEnv(configPath, port)
+    )
+    const exited = yield* awaitExit(child, Duration.toMillis(timeout))
+    if (!exited) {
+      return yield* Effect.dieMessage(
+        `the gateway still runs after ${Duration.format(timeout)}:\n${child.output()}`
+      )
+    }
+    return { code: child.exitCode() ?? null, output: child.output() }
+  })
