@@ -1,0 +1,294 @@
+/**
+ * Child processes of the benchmark (the simulated backend and the gateway), CPU pinning, and what
+ * Linux tells about a process: CPU time from `/proc/<pid>/stat`, memory from `/proc/<pid>/status`.
+ */
+import { type ChildProcess, execFileSync, spawn, spawnSync } from "node:child_process"
+import { closeSync, openSync, readFileSync, writeFileSync } from "node:fs"
+import { createServer } from "node:net"
+
+/** A child process started by the benchmark; `stop` ends it (SIGTERM, then SIGKILL) by its pid. */
+export interface Proc {
+  readonly name: string
+  readonly pid: number
+  /** Resolves with the exit code (or null when killed by a signal) once the process has exited. */
+  readonly exited: Promise<number | null>
+  stop(): Promise<void>
+  /** The last few kB the process wrote on stderr, for error messages. */
+  stderrTail(): string
+}
+
+export interface SpawnOptions {
+  readonly name: string
+  readonly cwd: string
+  /** Script run by `node --import tsx`. */
+  readonly script: string
+  readonly args?: ReadonlyArray<string>
+  /** Flags of node itself, before `--import tsx`. */
+  readonly nodeArgs?: ReadonlyArray<string>
+  readonly env?: Readonly<Record<string, string>>
+  /** CPU to pin the process to with `taskset -c`; undefined: not pinned. */
+  readonly cpu?: number | undefined
+  /** Where stdout goes: a file path (e.g. `/dev/null`), or "pipe" to read it. */
+  readonly stdout: string
+}
+
+/** Whether `taskset` (util-linux) can be run here. */
+export const hasTaskset = (): boolean => spawnSync("taskset", ["--version"], { stdio: "ignore" }).status === 0
+
+/** Pins every thread of this process to `cpu`; threads created later inherit the mask. */
+export const pinSelf = (cpu: number): void => {
+  execFileSync("taskset", ["-a", "-p", "-c", String(cpu), String(process.pid)], { stdio: "ignore" })
+}
+
+/** A TCP port that was free on 127.0.0.1 a moment ago. */
+export const freePort = (): Promise<number> =>
+  new Promise((resolve, reject) => {
+    const server = createServer()
+    server.once("error", reject)
+    server.listen(0, "127.0.0.1", () => {
+      const address = server.address()
+      const port = typeof address === "object" && address !== null ? address.port : 0
+      server.close(() => (port > 0 ? resolve(port) : reject(new Error("no free port"))))
+    })
+  })
+
+const tailLimit = 8192
+
+/** Starts `node --import tsx <script>`, pinned with taskset when `cpu` is set. */
+export const spawnNode = (options: SpawnOptions): { proc: Proc; child: ChildProcess } => {
+  const nodeArgs = [...(options.nodeArgs ?? []), "--import", "tsx", options.script, ...(options.args ?? [])]
+  const [command, args] =
+    options.cpu === undefined
+      ? [process.execPath, nodeArgs]
+      : ["taskset", ["-c", String(options.cpu), process.execPath, ...nodeArgs]]
+  const stdout = options.stdout === "pipe" ? "pipe" : openSync(options.stdout, "a")
+  // taskset execs node in place, so the child's pid is the node process's pid.
+  const child = spawn(command, args, {
+    cwd: options.cwd,
+    env: { ...process.env, ...options.env },
+    stdio: ["ignore", stdout, "pipe"]
+  })
+  if (typeof stdout === "number") closeSync(stdout)
+  if (child.pid === undefined) throw new Error(`${options.name}: could not start ${command}`)
+  const pid = child.pid
+  let tail = ""
+  child.stderr?.setEncoding("utf8")
+  child.stderr?.on("data", (chunk: string) => {
+    tail = (tail + chunk).slice(-tailLimit)
+  })
+  let exitCode: number | null | undefined
+  const exited = new Promise<number | null>((resolve) => {
+    child.once("exit", (code) => {
+      exitCode = code
+      resolve(code)
+    })
+  })
+  const stop = async (): Promise<void> => {
+    if (exitCode !== undefined) return
+    child.kill("SIGTERM")
+    const timer = setTimeout(() => {
+      if (exitCode === undefined) child.kill("SIGKILL")
+    }, 5000)
+    await exited
+    clearTimeout(timer)
+  }
+  return { proc: { name: options.name, pid, exited, stop, stderrTail: () => tail }, child }
+}
+
+const withTimeout = <A>(promise: Promise<A>, ms: number, what: string): Promise<A> => {
+  let timer: NodeJS.Timeout | undefined
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms: ${what}`)), ms)
+  })
+  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer))
+}
+
+export interface SimOptions {
+  readonly cwd: string
+  readonly model: string
+  readonly ttftMs: number
+  readonly itlMs: number
+  readonly outputTokens: number
+  readonly capacity: number
+  readonly cpu: number | undefined
+}
+
+/** Starts the simulated backend on an ephemeral port; resolves once it prints its listening line. */
+export const startSim = async (options: SimOptions): Promise<{ proc: Proc; url: string }> => {
+  const { proc, child } = spawnNode({
+    name: "backend-sim",
+    cwd: options.cwd,
+    script: "services/backend-sim/src/main.ts",
+    args: [
+      "--port",
+      "0",
+      "--model",
+      options.model,
+      "--ttft-ms",
+      String(options.ttftMs),
+      "--itl-ms",
+      String(options.itlMs),
+      "--output-tokens",
+      String(options.outputTokens),
+      "--capacity",
+      String(options.capacity)
+    ],
+    cpu: options.cpu,
+    stdout: "pipe"
+  })
+  const listening = new Promise<string>((resolve, reject) => {
+    let buffered = ""
+    child.stdout?.setEncoding("utf8")
+    child.stdout?.on("data", (chunk: string) => {
+      buffered += chunk
+      const newline = buffered.indexOf("\n")
+      if (newline < 0) return
+      try {
+        const line = JSON.parse(buffered.slice(0, newline)) as { url?: unknown }
+        if (typeof line.url === "string") resolve(line.url)
+        else reject(new Error(`backend-sim: unexpected first line ${buffered.slice(0, newline)}`))
+      } catch (error) {
+        reject(error)
+      }
+      // Keep draining (and discarding) anything else so the pipe never fills.
+      buffered = ""
+      child.stdout?.removeAllListeners("data")
+      child.stdout?.resume()
+    })
+    proc.exited.then((code) => reject(new Error(`backend-sim exited (${code}): ${proc.stderrTail()}`)))
+  })
+  try {
+    const url = await withTimeout(listening, 30_000, "backend-sim to listen")
+    return { proc, url }
+  } catch (error) {
+    await proc.stop()
+    throw error
+  }
+}
+
+export interface GatewayOptions {
+  readonly cwd: string
+  readonly configPath: string
+  readonly port: number
+  readonly logLevel: string
+  /** Where the gateway's stdout (its JSON request log at info) goes. */
+  readonly stdout: string
+  readonly cpu: number | undefined
+  /** Extra flags of node for the gateway process (e.g. `--trace-gc`). */
+  readonly nodeArgs?: ReadonlyArray<string>
+}
+
+/** Starts the gateway and resolves once `GET /health` answers 200. */
+export const startGateway = async (options: GatewayOptions): Promise<{ proc: Proc; url: string }> => {
+  const { proc } = spawnNode({
+    name: "gateway",
+    cwd: options.cwd,
+    script: "services/gateway/src/main.ts",
+    env: {
+      GATEWAY_CONFIG: options.configPath,
+      PORT: String(options.port),
+      HOST: "127.0.0.1",
+      LOG_LEVEL: options.logLevel
+    },
+    nodeArgs: options.nodeArgs ?? [],
+    cpu: options.cpu,
+    stdout: options.stdout
+  })
+  const url = `http://127.0.0.1:${options.port}`
+  let exited = false
+  proc.exited.then(() => {
+    exited = true
+  })
+  const deadline = performance.now() + 30_000
+  while (performance.now() < deadline && !exited) {
+    try {
+      const res = await fetch(`${url}/health`, { signal: AbortSignal.timeout(1000) })
+      await res.arrayBuffer()
+      if (res.status === 200) return { proc, url }
+    } catch {
+      // not listening yet
+    }
+    await new Promise((resolve) => setTimeout(resolve, 100))
+  }
+  const reason = exited ? `gateway exited: ${proc.stderrTail()}` : "gateway /health not 200 within 30 s"
+  await proc.stop()
+  throw new Error(reason)
+}
+
+let clockTicks: number | undefined
+const ticksPerSecond = (): number => {
+  if (clockTicks === undefined) {
+    try {
+      clockTicks = Number(execFileSync("getconf", ["CLK_TCK"], { encoding: "utf8" }).trim()) || 100
+    } catch {
+      clockTicks = 100
+    }
+  }
+  return clockTicks
+}
+
+/** User + system CPU time of a process (all its threads) in ms, from `/proc/<pid>/stat`. */
+export const cpuTimeMs = (pid: number): number => {
+  const stat = readFileSync(`/proc/${pid}/stat`, "utf8")
+  // Fields after the command name (which may contain spaces) start at state, field 3.
+  const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ")
+  const utime = Number(fields[11])
+  const stime = Number(fields[12])
+  return ((utime + stime) * 1000) / ticksPerSecond()
+}
+
+export interface SystemCpu {
+  /** CPU time spent by every process and interrupt of the machine (all CPUs), ms. */
+  readonly busyMs: number
+  /** Time the hypervisor gave to other guests while this one wanted to run, ms. */
+  readonly stealMs: number
+}
+
+/** Machine-wide CPU time from the `cpu` line of `/proc/stat`. */
+export const systemCpu = (): SystemCpu => {
+  const line = readFileSync("/proc/stat", "utf8").split("\n", 1)[0]!
+  // cpu user nice system idle iowait irq softirq steal ...
+  const [user, nice, system, , , irq, softirq, steal] = line.trim().split(/\s+/).slice(1).map(Number)
+  const ms = (ticks: number) => (ticks * 1000) / ticksPerSecond()
+  return {
+    busyMs: ms(user! + nice! + system! + irq! + softirq!),
+    stealMs: ms(steal ?? 0)
+  }
+}
+
+/** A `kB` field of `/proc/<pid>/status` (VmRSS, VmHWM, ...), in kB; undefined when unreadable. */
+export const statusKb = (pid: number, field: string): number | undefined => {
+  try {
+    const status = readFileSync(`/proc/${pid}/status`, "utf8")
+    const match = new RegExp(`^${field}:\\s+(\\d+) kB`, "m").exec(status)
+    return match === null ? undefined : Number(match[1])
+  } catch {
+    return undefined
+  }
+}
+
+/**
+ * Peak resident memory of a process over a window: VmRSS polled every `intervalMs`, and VmHWM when
+ * the kernel let us reset it at the start (writing 5 to `/proc/<pid>/clear_refs`).
+ */
+export const watchPeakRss = (pid: number, intervalMs = 50): { stop(): number | undefined } => {
+  let hwmReset = false
+  try {
+    writeFileSync(`/proc/${pid}/clear_refs`, "5")
+    hwmReset = true
+  } catch {
+    // not allowed here: polling alone
+  }
+  let peak = statusKb(pid, "VmRSS") ?? 0
+  const timer = setInterval(() => {
+    peak = Math.max(peak, statusKb(pid, "VmRSS") ?? 0)
+  }, intervalMs)
+  return {
+    stop: () => {
+      clearInterval(timer)
+      peak = Math.max(peak, statusKb(pid, "VmRSS") ?? 0)
+      if (hwmReset) peak = Math.max(peak, statusKb(pid, "VmHWM") ?? 0)
+      return peak > 0 ? peak : undefined
+    }
+  }
+}
