@@ -20,10 +20,10 @@ export interface Proc {
 export interface SpawnOptions {
   readonly name: string
   readonly cwd: string
-  /** Script run by `node --import tsx`. */
+  /** Script run by node; TypeScript (`.ts`) is run with `--import tsx`. */
   readonly script: string
   readonly args?: ReadonlyArray<string>
-  /** Flags of node itself, before `--import tsx`. */
+  /** Flags of node itself, before the script. */
   readonly nodeArgs?: ReadonlyArray<string>
   readonly env?: Readonly<Record<string, string>>
   /** CPU to pin the process to with `taskset -c`; undefined: not pinned. */
@@ -54,9 +54,10 @@ export const freePort = (): Promise<number> =>
 
 const tailLimit = 8192
 
-/** Starts `node --import tsx <script>`, pinned with taskset when `cpu` is set. */
+/** Starts `node <script>`, pinned with taskset when `cpu` is set. */
 export const spawnNode = (options: SpawnOptions): { proc: Proc; child: ChildProcess } => {
-  const nodeArgs = [...(options.nodeArgs ?? []), "--import", "tsx", options.script, ...(options.args ?? [])]
+  const loader = options.script.endsWith(".ts") ? ["--import", "tsx"] : []
+  const nodeArgs = [...(options.nodeArgs ?? []), ...loader, options.script, ...(options.args ?? [])]
   const [command, args] =
     options.cpu === undefined
       ? [process.execPath, nodeArgs]
@@ -178,12 +179,16 @@ export interface GatewayOptions {
   readonly nodeArgs?: ReadonlyArray<string>
 }
 
-/** Starts the gateway and resolves once `GET /health` answers 200. */
+/**
+ * Builds the gateway as it runs in production (`services/gateway/dist/main.mjs`, plain node, no
+ * TypeScript loader), starts it and resolves once `GET /health` answers 200.
+ */
 export const startGateway = async (options: GatewayOptions): Promise<{ proc: Proc; url: string }> => {
+  execFileSync(process.execPath, ["services/gateway/build.mjs"], { cwd: options.cwd, stdio: "inherit" })
   const { proc } = spawnNode({
     name: "gateway",
     cwd: options.cwd,
-    script: "services/gateway/src/main.ts",
+    script: "services/gateway/dist/main.mjs",
     env: {
       GATEWAY_CONFIG: options.configPath,
       PORT: String(options.port),

@@ -136,8 +136,7 @@ const withAccessLog = <E, R>(
         if (info.stream !== undefined) fields.stream = info.stream
         if (info.error !== undefined) fields.error = info.error
         const api = fields.path !== "/health" && fields.path !== "/ready"
-        const log = api ? Effect.logInfo("request") : Effect.logDebug("request")
-        return Effect.annotateLogs(log, fields)
+        return api ? Effect.logInfo("request", fields) : Effect.logDebug("request", fields)
       })
     )
   })

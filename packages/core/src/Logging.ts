@@ -1,28 +1,69 @@
 /**
- * One flat JSON object per log line on stdout (`{"time","level","msg",...annotations}`), so log
- * shippers index fields without unwrapping. The level comes from the composition root.
+ * One flat JSON object per log line on stdout (`{"time","level","msg",...fields}`), so log
+ * shippers index fields without unwrapping. Fields come from log annotations and from plain
+ * objects logged after the message (`Effect.logInfo("request", { status: 200 })`), the cheaper
+ * form for the per-request line. Lines written in the same tick go out in one write.
  */
-import { Cause, HashMap, Layer, Logger, type LogLevel } from "effect"
+import { Cause, Effect, HashMap, Layer, Logger, type LogLevel } from "effect"
 
-const render = (message: unknown): string => {
-  if (typeof message === "string") return message
-  if (Array.isArray(message)) return message.map(render).join(" ")
-  return String(message)
+const isFields = (u: unknown): u is Record<string, unknown> =>
+  typeof u === "object" && u !== null && !Array.isArray(u) && Object.getPrototypeOf(u) === Object.prototype
+
+/** Renders one log call as a JSON line (with the newline). */
+export const format = (options: Logger.Logger.Options<unknown>): string => {
+  const { annotations, cause, date, logLevel, message } = options
+  const entry: Record<string, unknown> = {
+    time: date.toISOString(),
+    level: logLevel.label.toLowerCase(),
+    msg: ""
+  }
+  const parts = Array.isArray(message) ? message : [message]
+  for (const part of parts) {
+    if (isFields(part)) Object.assign(entry, part)
+    else entry.msg = entry.msg === "" ? String(part) : `${entry.msg} ${String(part)}`
+  }
+  if (HashMap.size(annotations) > 0)
+    for (const [key, value] of HashMap.toEntries(annotations)) entry[key] = value
+  if (!Cause.isEmpty(cause)) entry.error = Cause.pretty(cause, { renderErrorCause: true })
+  return `${JSON.stringify(entry)}\n`
 }
 
-/** A logger writing flat JSON lines through `write` (stdout by default). */
-export const makeJsonLogger = (write: (line: string) => void = (line) => process.stdout.write(line)) =>
-  Logger.make(({ annotations, cause, date, logLevel, message }) => {
-    const entry: Record<string, unknown> = {
-      time: date.toISOString(),
-      level: logLevel.label.toLowerCase(),
-      msg: render(message)
+/**
+ * Collects lines and writes them once per event-loop turn; `flush` writes what is pending.
+ * A crash loses at most the lines of the turn it happens in.
+ */
+export const makeSink = (write: (chunk: string) => void) => {
+  let pending = ""
+  let scheduled = false
+  const flush = () => {
+    scheduled = false
+    if (pending === "") return
+    const chunk = pending
+    pending = ""
+    write(chunk)
+  }
+  const push = (line: string) => {
+    pending += line
+    if (!scheduled) {
+      scheduled = true
+      setImmediate(flush)
     }
-    for (const [key, value] of HashMap.toEntries(annotations)) entry[key] = value
-    if (!Cause.isEmpty(cause)) entry.error = Cause.pretty(cause, { renderErrorCause: true })
-    write(`${JSON.stringify(entry)}\n`)
-  })
+  }
+  return { push, flush }
+}
 
-/** Replaces the default logger with the JSON logger at `level`. */
-export const layer = (level: LogLevel.LogLevel, write?: (line: string) => void): Layer.Layer<never> =>
-  Layer.merge(Logger.replace(Logger.defaultLogger, makeJsonLogger(write)), Logger.minimumLogLevel(level))
+/** Replaces the default logger with the JSON logger at `level`, writing to `write` (stdout). */
+export const layer = (
+  level: LogLevel.LogLevel,
+  write: (chunk: string) => void = (chunk) => process.stdout.write(chunk)
+): Layer.Layer<never> =>
+  Layer.unwrapScoped(
+    Effect.gen(function* () {
+      const sink = makeSink(write)
+      yield* Effect.addFinalizer(() => Effect.sync(sink.flush))
+      process.once("exit", sink.flush)
+      yield* Effect.addFinalizer(() => Effect.sync(() => process.off("exit", sink.flush)))
+      const logger = Logger.make((options) => sink.push(format(options)))
+      return Layer.merge(Logger.replace(Logger.defaultLogger, logger), Logger.minimumLogLevel(level))
+    })
+  )

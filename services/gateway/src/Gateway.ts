@@ -4,7 +4,7 @@
  */
 import { createServer } from "node:http"
 import { NodeContext, NodeHttpServer } from "@effect/platform-node"
-import { ConfigLoader, HttpApp, Models, OpenAiCompatible, Settings } from "@gateway/core"
+import { ConfigLoader, HttpApp, Models, OpenAiCompatible, Settings, Tracing } from "@gateway/core"
 import { GatewayConfig } from "@gateway/domain"
 import { Config, ConfigError, Effect, Either, Layer, LogLevel, Option } from "effect"
 
@@ -97,5 +97,5 @@ export const layer = (options: Options) =>
     Layer.provideMerge(server),
     Layer.provide(settings(options)),
     // Spans cost allocations on every request; tracing turns them on when an exporter is set.
-    Layer.provide(Layer.setTracerEnabled(false))
+    Layer.provide(Tracing.layerDisabled)
   )
