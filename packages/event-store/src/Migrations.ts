@@ -1,0 +1,65 @@
+/**
+ * The event store's schema, as numbered migrations run by `PgMigrator` at start-up. The events
+ * table is append-only; `transaction_id` lets readers follow the log without skipping events of
+ * transactions still in flight (they read below `pg_snapshot_xmin(pg_current_snapshot())`).
+ */
+
+import { SqlClient } from "@effect/sql"
+import { PgMigrator } from "@effect/sql-pg"
+import { Effect } from "effect"
+
+/** Channel on which every insert into `events` is announced (payload: the last position). */
+export const notifyChannel = "gateway_events"
+
+export const loader = PgMigrator.fromRecord({
+  "0001_events": Effect.gen(function* () {
+    const sql = yield* SqlClient.SqlClient
+    yield* sql`
+      CREATE TABLE events (
+        position bigserial PRIMARY KEY,
+        event_id uuid NOT NULL UNIQUE,
+        stream_id text NOT NULL,
+        stream_version integer NOT NULL CHECK (stream_version > 0),
+        type text NOT NULL,
+        data jsonb NOT NULL,
+        metadata jsonb NOT NULL,
+        transaction_id xid8 NOT NULL DEFAULT pg_current_xact_id(),
+        recorded_at timestamptz NOT NULL DEFAULT now(),
+        UNIQUE (stream_id, stream_version)
+      )`
+    yield* sql`CREATE INDEX events_transaction_position ON events (transaction_id, position)`
+    yield* sql.unsafe(`
+      CREATE FUNCTION events_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+      BEGIN
+        PERFORM pg_notify('${notifyChannel}', '1');
+        RETURN NULL;
+      END $$`)
+    yield* sql`
+      CREATE TRIGGER events_notify AFTER INSERT ON events
+      FOR EACH STATEMENT EXECUTE FUNCTION events_notify()`
+    // Append-only: updates and deletes are refused at the database.
+    yield* sql.unsafe(`
+      CREATE FUNCTION events_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+      BEGIN
+        RAISE EXCEPTION 'events are append-only';
+      END $$`)
+    yield* sql`
+      CREATE TRIGGER events_append_only BEFORE UPDATE OR DELETE ON events
+      FOR EACH ROW EXECUTE FUNCTION events_append_only()`
+  }),
+  "0002_projection_checkpoints": Effect.gen(function* () {
+    const sql = yield* SqlClient.SqlClient
+    yield* sql`
+      CREATE TABLE projection_checkpoints (
+        name text PRIMARY KEY,
+        transaction_id xid8 NOT NULL DEFAULT '0',
+        position bigint NOT NULL DEFAULT 0,
+        events_applied bigint NOT NULL DEFAULT 0,
+        last_error text,
+        updated_at timestamptz NOT NULL DEFAULT now()
+      )`
+  })
+})
+
+/** Brings the schema up to date; safe to run from several replicas at once. */
+export const run = PgMigrator.run({ loader, table: "gateway_migrations" })
