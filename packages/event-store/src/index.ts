@@ -1,3 +1,4 @@
 export * as Database from "./Database.js"
 export * as EventStore from "./EventStore.js"
+export * as EventWriter from "./EventWriter.js"
 export * as Migrations from "./Migrations.js"
