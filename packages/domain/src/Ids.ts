@@ -25,3 +25,17 @@ export const requestIdFrom = (header: string | undefined): RequestId =>
   header !== undefined && isRequestId(header)
     ? header
     : RequestId.make(crypto.randomUUID(), { disableValidation: true })
+
+/** A tenant (organisation) that owns API keys; usage and budgets roll up to it. */
+export const TenantId = Schema.String.pipe(
+  Schema.pattern(/^[A-Za-z0-9._-]{1,64}$/),
+  Schema.brand("@gateway/TenantId")
+)
+export type TenantId = typeof TenantId.Type
+
+/** An API key's public id (never the secret); its events live on the stream `key-<id>`. */
+export const KeyId = Schema.String.pipe(
+  Schema.pattern(/^[A-Za-z0-9._-]{1,64}$/),
+  Schema.brand("@gateway/KeyId")
+)
+export type KeyId = typeof KeyId.Type

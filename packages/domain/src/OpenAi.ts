@@ -15,22 +15,26 @@ const NonNegativeInt = Schema.Int.pipe(Schema.greaterThanOrEqualTo(0))
 // Content parts
 // ---------------------------------------------------------------------------------------------
 
-export const TextPart = Schema.Struct({ type: Schema.Literal("text"), text: Schema.String })
+export const TextPart = Schema.Struct({ type: Schema.Literal("text"), text: Schema.String }).annotations({
+  identifier: "TextPart"
+})
 export const ImageUrlPart = Schema.Struct({
   type: Schema.Literal("image_url"),
   image_url: Schema.Struct({ url: Schema.String, detail: Schema.optional(Schema.String) })
-})
+}).annotations({ identifier: "ImageUrlPart" })
 export const InputAudioPart = Schema.Struct({
   type: Schema.Literal("input_audio"),
   input_audio: Schema.Struct({ data: Schema.String, format: Schema.String })
+}).annotations({ identifier: "InputAudioPart" })
+export const FilePart = Schema.Struct({ type: Schema.Literal("file"), file: Schema.Object }).annotations({
+  identifier: "FilePart"
 })
-export const FilePart = Schema.Struct({ type: Schema.Literal("file"), file: Schema.Object })
-export const RefusalPart = Schema.Struct({ type: Schema.Literal("refusal"), refusal: Schema.String })
-  .annotations({ identifier: "TextPart" })
-  .annotations({ identifier: "ImageUrlPart" })
-  .annotations({ identifier: "InputAudioPart" })
-  .annotations({ identifier: "FilePart" })
-  .annotations({ identifier: "RefusalPart" })
+export const RefusalPart = Schema.Struct({
+  type: Schema.Literal("refusal"),
+  refusal: Schema.String
+}).annotations({
+  identifier: "RefusalPart"
+})
 
 const knownPartTypes = new Set(["text", "image_url", "input_audio", "file", "refusal"])
 /** A part type the gateway does not know (e.g. vLLM's `video_url`): passed through as is. */

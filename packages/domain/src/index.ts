@@ -1,4 +1,6 @@
 export * as Errors from "./Errors.js"
+export * as Events from "./Events.js"
 export * as GatewayConfig from "./GatewayConfig.js"
 export * as Ids from "./Ids.js"
 export * as OpenAi from "./OpenAi.js"
+export * as Pricing from "./Pricing.js"

@@ -1,5 +1,6 @@
 import { describe, expect, it } from "@effect/vitest"
 import { Ids } from "@gateway/domain"
+import { Schema } from "effect"
 
 describe("requestIdFrom", () => {
   it("keeps a well-formed client request id", () => {
@@ -13,5 +14,17 @@ describe("requestIdFrom", () => {
     expect(Ids.requestIdFrom("evil\nheader")).toMatch(uuid)
     expect(Ids.requestIdFrom("")).toMatch(uuid)
     expect(Ids.requestIdFrom(undefined)).not.toBe(Ids.requestIdFrom(undefined))
+  })
+})
+
+describe("TenantId and KeyId", () => {
+  it("accept simple ids and refuse empty or unsafe ones", () => {
+    for (const schema of [Ids.TenantId, Ids.KeyId]) {
+      const is = Schema.is(schema)
+      expect(is("acme_1.prod-eu")).toBe(true)
+      expect(is("")).toBe(false)
+      expect(is("a b")).toBe(false)
+      expect(is("x".repeat(65))).toBe(false)
+    }
   })
 })
