@@ -11,6 +11,7 @@ import * as Os from "node:os"
 import * as Path from "node:path"
 import * as Readline from "node:readline"
 import { fileURLToPath } from "node:url"
+import { Database } from "@gateway/event-store"
 import { Duration, Effect, Option, type Scope } from "effect"
 import type { SimConfig, SimServer } from "../../services/backend-sim/src/index.js"
 
@@ -257,6 +258,8 @@ export interface Gateway {
   readonly accessLog: (requestId: string, timeout?: Duration.DurationInput) => Effect.Effect<LogLine>
 }
 
+const adminDatabaseUrl = process.env.TEST_DATABASE_URL ?? "postgres://postgres@127.0.0.1:5432/postgres"
+
 const parseLine = (line: string): Array<LogLine> => {
   try {
     const value: unknown = JSON.parse(line)
@@ -274,8 +277,10 @@ export const writeConfig = (config: unknown): Effect.Effect<string, never, Scope
     return path
   })
 
-const gatewayEnv = (configPath: string, port: number) => ({
+/** Without a database the gateway runs with recording off (tests of start-up failures). */
+const gatewayEnv = (configPath: string, port: number, databaseUrl?: string) => ({
   GATEWAY_CONFIG: configPath,
+  ...(databaseUrl === undefined ? { GATEWAY_RECORDING: "off" } : { DATABASE_URL: databaseUrl }),
   PORT: String(port),
   HOST: "127.0.0.1",
   LOG_LEVEL: "info"
@@ -286,11 +291,13 @@ export const startGateway = (config: unknown): Effect.Effect<Gateway, never, Sco
   Effect.gen(function* () {
     const configPath = yield* writeConfig(config)
     const port = yield* freePort
+    // Each gateway records into a database of its own on the machine's PostgreSQL.
+    const databaseUrl = yield* Database.freshPostgres(adminDatabaseUrl)
     const child = yield* spawnNode(
       "gateway",
       "services/gateway/src/main.ts",
       [],
-      gatewayEnv(configPath, port)
+      gatewayEnv(configPath, port, databaseUrl)
     )
     const url = `http://127.0.0.1:${port}`
     yield* waitHealthy(child, url)
@@ -302,7 +309,11 @@ export const startGateway = (config: unknown): Effect.Effect<Gateway, never, Sco
       accessLog: (requestId, timeout) =>
         eventually(
           `access log line of request ${requestId}`,
-          Effect.sync(() => logs().find((l) => l.msg === "request" && l.request_id === requestId)),
+          Effect.sync(() =>
+            logs().find(
+              (l) => l.msg === "request" && (l.request_id === requestId || l.client_request_id === requestId)
+            )
+          ),
           timeout
         )
     } satisfies Gateway

@@ -3,14 +3,16 @@
  * the attempt, and answer with the backend's JSON or forward its SSE stream chunk by chunk.
  */
 import { type HttpServerRequest, HttpServerResponse } from "@effect/platform"
-import { Errors, OpenAi } from "@gateway/domain"
-import { Effect, Either, ParseResult } from "effect"
+import { Errors, Events, OpenAi } from "@gateway/domain"
+import { Effect, Either, ParseResult, Runtime } from "effect"
 import type { RequestInfo } from "./CurrentRequest.js"
 import * as ErrorResponse from "./ErrorResponse.js"
 import { Models } from "./Models.js"
+import { Recorder } from "./Recorder.js"
 import * as RequestBody from "./RequestBody.js"
 import { Settings } from "./Settings.js"
 import * as SseRelay from "./SseRelay.js"
+import { SseScanner } from "./SseScanner.js"
 import { Upstream } from "./Upstream.js"
 
 const decoder = new TextDecoder()
@@ -57,49 +59,234 @@ const validate = (json: unknown): Either.Either<OpenAi.ChatCompletionRequest, Er
 
 const sseHeaders = { "cache-control": "no-cache", "x-accel-buffering": "no" }
 
+/** Why a request was turned away, as the `RequestRejected` event names it. */
+const rejection = (error: Errors.GatewayError): Events.RejectionReason | undefined => {
+  switch (error._tag) {
+    case "InvalidRequest":
+      return "invalid_request"
+    case "PayloadTooLarge":
+      return "payload_too_large"
+    case "ModelNotFound":
+      return "model_not_found"
+    case "ServiceUnavailable":
+      return "unavailable"
+    default:
+      return undefined
+  }
+}
+
+/** Usage and finish reason from a whole JSON answer; `undefined` where the backend gave none. */
+const summarize = (body: Uint8Array) => {
+  try {
+    const parsed = JSON.parse(decoder.decode(body)) as {
+      usage?: OpenAi.Usage | null
+      choices?: ReadonlyArray<{ finish_reason?: string | null; message?: { content?: string | null } }>
+    }
+    const choice = parsed.choices?.[0]
+    return {
+      usage: parsed.usage ?? undefined,
+      finishReason: choice?.finish_reason ?? null,
+      contentChars: choice?.message?.content?.length ?? 0
+    }
+  } catch {
+    return { usage: undefined, finishReason: null, contentChars: 0 }
+  }
+}
+
+/** A rough token count (about four bytes a token) until a real tokenizer is wired in. */
+const estimateTokens = (bytes: number) => Math.ceil(bytes / 4)
+
+const elapsed = (since: number) => Math.round((performance.now() - since) * 100) / 100
+
+const attemptError = (error: Errors.BackendError): Events.AttemptError => ({
+  reason: error.reason,
+  message: error.detail,
+  ...(error.status === undefined ? {} : { status: error.status })
+})
+
 export class ChatCompletions extends Effect.Service<ChatCompletions>()("@gateway/core/ChatCompletions", {
   effect: Effect.gen(function* () {
     const models = yield* Models
     const upstream = yield* Upstream
+    const recorder = yield* Recorder
     const { maxBodyBytes } = (yield* Settings).server
 
     const handle = (
       request: HttpServerRequest.HttpServerRequest,
       info: RequestInfo
-    ): Effect.Effect<HttpServerResponse.HttpServerResponse, Errors.GatewayError> =>
-      Effect.gen(function* () {
+    ): Effect.Effect<HttpServerResponse.HttpServerResponse, Errors.GatewayError> => {
+      const recording = recorder.start(info.requestId, info.clientRequestId)
+      return Effect.gen(function* () {
         const raw = yield* RequestBody.read(request, maxBodyBytes)
         const body = yield* Either.flatMap(parseJson(raw), validate)
+        const stream = body.stream === true
         info.model = body.model
-        info.stream = body.stream === true
+        info.stream = stream
         const target = yield* models.resolve(body.model)
-        info.backend = target.backend.id
-        const answer = yield* upstream.chat({ requestId: info.requestId, target, body, raw })
+        const backend = target.backend.id
+        const model = target.model.name
+        info.backend = backend
+        yield* recording.record(
+          new Events.RequestReceived(
+            {
+              model: body.model,
+              stream,
+              endpoint: "chat.completions",
+              ...(typeof body.user === "string" ? { user: body.user } : {}),
+              payload: recording.payload(raw, body)
+            },
+            true
+          ),
+          new Events.RequestRouted(
+            { model, backend, upstreamModel: target.upstreamModel, why: "round_robin" },
+            true
+          ),
+          new Events.AttemptStarted({ attempt: 1, backend, model }, true)
+        )
+
+        const failed = (error: Errors.BackendError, afterFirstByte: boolean) => {
+          const rendered = ErrorResponse.render(error)
+          return [
+            new Events.AttemptFailed(
+              { attempt: 1, backend, error: attemptError(error), retryable: error.retryable, afterFirstByte },
+              true
+            ),
+            new Events.RequestFailed(
+              {
+                status: afterFirstByte ? 200 : rendered.status,
+                error: {
+                  code: String(rendered.body.error.code ?? "backend_error"),
+                  message: error.message,
+                  reason: error.reason
+                },
+                attempts: 1,
+                lastBackend: backend
+              },
+              true
+            )
+          ] as const
+        }
+        const cancelled = (tokensDelivered: number, afterFirstByte: boolean) =>
+          new Events.RequestCancelled(
+            { tokensDelivered, latencyMs: elapsed(info.startedAt), afterFirstByte },
+            true
+          )
+
+        const answer = yield* upstream
+          .chat({ requestId: info.requestId, clientRequestId: info.clientRequestId, target, body, raw })
+          .pipe(
+            Effect.tapError((error) =>
+              recording
+                .finish(...failed(error, false))
+                .pipe(
+                  Effect.catchAll((e) => Effect.logWarning("could not record a failed request", e.message))
+                )
+            ),
+            Effect.onInterrupt(() => recording.record(cancelled(0, false)))
+          )
+
         if (answer._tag === "Complete") {
+          const summary = summarize(answer.body)
+          yield* recording
+            .finish(
+              new Events.RequestCompleted(
+                {
+                  model,
+                  backend,
+                  promptTokens: summary.usage?.prompt_tokens ?? estimateTokens(raw.length),
+                  completionTokens: summary.usage?.completion_tokens ?? estimateTokens(summary.contentChars),
+                  usageSource: summary.usage === undefined ? "estimated" : "backend",
+                  cost: null,
+                  latencyMs: elapsed(info.startedAt),
+                  ttftMs: null,
+                  finishReason: summary.finishReason,
+                  cached: false,
+                  stream: false,
+                  status: answer.status
+                },
+                true
+              )
+            )
+            .pipe(Effect.mapError(unrecorded))
           return HttpServerResponse.uint8Array(answer.body, {
             status: answer.status,
             contentType: "application/json",
-            headers: { "x-gateway-backend": target.backend.id }
+            headers: { "x-gateway-backend": backend }
           })
         }
-        const relayed = SseRelay.relay(
-          answer.body,
-          (cause) => {
-            // Headers are gone: end the stream with an OpenAI error event, and no [DONE].
+
+        const scanner = new SseScanner()
+        const runtime = yield* Effect.runtime<never>()
+        const run = Runtime.runPromise(runtime)
+        const relayed = SseRelay.relay(answer.body, {
+          onChunk: (chunk) => scanner.push(chunk),
+          // The answer is complete: it goes on the books before the client gets [DONE].
+          beforeEnd: () =>
+            run(
+              recording
+                .finish(
+                  new Events.RequestCompleted(
+                    {
+                      model,
+                      backend,
+                      promptTokens: scanner.usage?.prompt_tokens ?? estimateTokens(raw.length),
+                      completionTokens: scanner.usage?.completion_tokens ?? scanner.contentChunks,
+                      usageSource: scanner.usage === undefined ? "estimated" : "backend",
+                      cost: null,
+                      latencyMs: elapsed(info.startedAt),
+                      ttftMs:
+                        scanner.firstContentAt === undefined
+                          ? null
+                          : elapsed(info.startedAt) - elapsed(scanner.firstContentAt),
+                      finishReason: scanner.finishReason,
+                      cached: false,
+                      stream: true,
+                      status: 200
+                    },
+                    true
+                  )
+                )
+                .pipe(
+                  Effect.as(undefined),
+                  Effect.catchAll((error) => {
+                    info.error = `the completed answer could not be recorded: ${error.message}`
+                    return Effect.succeed(ErrorResponse.toSseEvent(ErrorResponse.render(unrecorded())))
+                  })
+                )
+            ),
+          onBreak: (cause) => {
+            // The backend broke off after the headers: the request failed, and is recorded so.
             const error = answer.failure(cause)
             info.error = error.message
+            void run(recording.finish(...failed(error, true)).pipe(Effect.ignore))
             return ErrorResponse.toSseEvent(ErrorResponse.render(error))
           },
-          () => {
+          onClientGone: () => {
             info.clientClosed = true
+            void run(recording.record(cancelled(scanner.contentChunks, scanner.contentChunks > 0)))
           }
-        )
+        })
         return HttpServerResponse.raw(relayed, {
           contentType: "text/event-stream",
-          headers: { ...sseHeaders, "x-gateway-backend": target.backend.id }
+          headers: { ...sseHeaders, "x-gateway-backend": backend }
         })
-      }).pipe(Effect.withSpan("ChatCompletions.handle"))
+      }).pipe(
+        Effect.tapError((error) => {
+          const reason = rejection(error)
+          if (reason === undefined) return Effect.void
+          const { status, body } = ErrorResponse.render(error)
+          return recording.record(
+            new Events.RequestRejected({ reason, status, message: body.error.message }, true)
+          )
+        }),
+        Effect.withSpan("ChatCompletions.handle")
+      )
+    }
 
     return { handle } as const
   })
 }) {}
+
+/** The answer exists but could not be put on the books: the client must not get it. */
+const unrecorded = () =>
+  new Errors.ServiceUnavailable({ message: "The gateway could not record the request; please retry." })

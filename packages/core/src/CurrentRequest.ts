@@ -6,7 +6,10 @@ import type { Ids } from "@gateway/domain"
 import { Context } from "effect"
 
 export interface RequestInfo {
+  /** The gateway's own id: unique, names the request's event stream. */
   readonly requestId: Ids.RequestId
+  /** The client's `x-request-id`, echoed back and kept as the correlation id. */
+  readonly clientRequestId: string | undefined
   /** `performance.now()` when the request arrived. */
   readonly startedAt: number
   model?: string

@@ -94,7 +94,10 @@ export const make = Effect.gen(function* () {
         )
       )
     )
-    return HttpServerResponse.setHeader(response, "x-request-id", info.requestId)
+    return HttpServerResponse.setHeaders(response, {
+      "x-request-id": info.clientRequestId ?? info.requestId,
+      "x-gateway-request-id": info.requestId
+    })
   })
   return app
 })
@@ -112,7 +115,8 @@ const withAccessLog = <E, R>(
 > =>
   Effect.flatMap(HttpServerRequest.HttpServerRequest, (request) => {
     const info: RequestInfo = {
-      requestId: Ids.requestIdFrom(request.headers["x-request-id"]),
+      requestId: Ids.newRequestId(),
+      clientRequestId: Ids.clientRequestId(request.headers["x-request-id"]),
       startedAt: performance.now()
     }
     return app.pipe(
@@ -126,6 +130,7 @@ const withAccessLog = <E, R>(
         if (info.clientClosed && info.error === undefined) info.error = "client closed the connection"
         const fields: Record<string, unknown> = {
           request_id: info.requestId,
+          ...(info.clientRequestId === undefined ? {} : { client_request_id: info.clientRequestId }),
           method: request.method,
           path: pathOf(request.url),
           status,

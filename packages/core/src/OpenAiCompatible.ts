@@ -111,7 +111,8 @@ export const make = (dispatcher: Undici.Dispatcher) => {
     const headers: Record<string, string> = {
       "content-type": "application/json",
       accept: stream ? "text/event-stream" : "application/json",
-      "x-request-id": request.requestId
+      "x-request-id": request.clientRequestId ?? request.requestId,
+      "x-gateway-request-id": request.requestId
     }
     if (Option.isSome(target.apiKey)) headers.authorization = `Bearer ${Redacted.value(target.apiKey.value)}`
 

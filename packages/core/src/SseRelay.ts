@@ -1,42 +1,72 @@
 /**
- * Relays a backend's SSE bytes to the client as they arrive, with back-pressure. If the backend
- * breaks off, the client gets one final event from `onBreak` (an OpenAI error) and a clean end;
- * if the client goes away (the relay is destroyed first), `onClientGone` is told and the backend's
- * body is destroyed too, which aborts the upstream request.
+ * Relays a backend's SSE bytes to the client as they arrive, with back-pressure, and holds back
+ * only the end: at `data: [DONE]` (or the end of the body) it waits for `beforeEnd` — the
+ * commit of the request's terminal event — before the client gets `[DONE]`, or the event
+ * `beforeEnd` gives instead when it could not commit. If the backend breaks off, the client gets
+ * one final event from `onBreak` (an OpenAI error) and a clean end, never a `[DONE]`. If the client goes away first, `onClientGone` is told
+ * and the backend's body is destroyed, which aborts the upstream request.
+ *
+ * A `[DONE]` split across two reads is not held back; backends write each event at once, so that
+ * would take a TCP segment boundary inside those twelve bytes.
  */
 import { Readable } from "node:stream"
 
-export const relay = (
-  source: Readable,
-  onBreak: (cause: unknown) => Uint8Array,
-  onClientGone: () => void = () => {}
-): Readable => {
-  let finished = false
+export interface Hooks {
+  /** Sees every chunk before it is forwarded (e.g. an `SseScanner`). */
+  readonly onChunk?: (chunk: Uint8Array) => void
+  /** Resolves with `undefined` to send the end as is, or with the event to end with instead. */
+  readonly beforeEnd?: () => Promise<Uint8Array | undefined>
+  readonly onBreak: (cause: unknown) => Uint8Array
+  readonly onClientGone?: () => void
+}
+
+const done = "data: [DONE]"
+
+export const relay = (source: Readable, hooks: Hooks): Readable => {
+  /** The backend's part is over: it ended, broke, or we are waiting to send the end. */
+  let upstreamOver = false
+  let ended = false
   const out = new Readable({
     read() {
-      if (!finished) source.resume()
+      if (!upstreamOver) source.resume()
     },
     destroy(error, callback) {
-      if (!finished) {
-        finished = true
+      if (!ended) {
+        ended = true
         source.destroy()
-        onClientGone()
+        hooks.onClientGone?.()
       }
       callback(error)
     }
   })
+  const end = (last: Uint8Array | undefined) => {
+    if (ended) return
+    ended = true
+    if (last !== undefined && last.length > 0) out.push(last)
+    out.push(null)
+  }
+  const finish = (tail: Uint8Array | undefined) => {
+    upstreamOver = true
+    if (hooks.beforeEnd === undefined) return end(tail)
+    hooks.beforeEnd().then((instead) => end(instead ?? tail))
+  }
   source.on("data", (chunk: Buffer) => {
-    if (!out.push(chunk)) source.pause()
+    if (upstreamOver) return
+    const at = chunk.indexOf(done)
+    const head = at === -1 ? chunk : chunk.subarray(0, at)
+    if (head.length > 0) {
+      hooks.onChunk?.(head)
+      if (!out.push(head)) source.pause()
+    }
+    if (at !== -1) finish(chunk.subarray(at))
   })
   source.once("end", () => {
-    finished = true
-    out.push(null)
+    if (!upstreamOver) finish(undefined)
   })
   source.once("error", (cause) => {
-    if (finished) return
-    finished = true
-    out.push(onBreak(cause))
-    out.push(null)
+    if (upstreamOver) return
+    upstreamOver = true
+    end(hooks.onBreak(cause))
   })
   return out
 }

@@ -10,6 +10,8 @@ import type { Target } from "./Models.js"
 
 export interface ChatRequest {
   readonly requestId: Ids.RequestId
+  /** The client's own `x-request-id`, passed on so the backend's logs match the client's. */
+  readonly clientRequestId: string | undefined
   readonly target: Target
   /** The validated request, unknown fields preserved. */
   readonly body: OpenAi.ChatCompletionRequest

@@ -17,7 +17,7 @@ const breakEvent = new TextEncoder().encode('data: {"error":{"message":"broken"}
 describe("SseRelay", () => {
   it("forwards every chunk in order and ends when the source ends", async () => {
     const source = new PassThrough()
-    const out = SseRelay.relay(source, () => breakEvent)
+    const out = SseRelay.relay(source, { onBreak: () => breakEvent })
     const text = collect(out)
     source.write("data: 1\n\n")
     source.write("data: 2\n\n")
@@ -27,7 +27,7 @@ describe("SseRelay", () => {
 
   it("passes each chunk on as soon as it arrives", async () => {
     const source = new PassThrough()
-    const out = SseRelay.relay(source, () => breakEvent)
+    const out = SseRelay.relay(source, { onBreak: () => breakEvent })
     const first = new Promise<string>((resolve) =>
       out.once("data", (chunk: Buffer) => resolve(chunk.toString()))
     )
@@ -39,9 +39,11 @@ describe("SseRelay", () => {
   it("ends with the break event, not an error, when the source breaks", async () => {
     const source = new PassThrough()
     let cause: unknown
-    const out = SseRelay.relay(source, (c) => {
-      cause = c
-      return breakEvent
+    const out = SseRelay.relay(source, {
+      onBreak: (c) => {
+        cause = c
+        return breakEvent
+      }
     })
     const text = collect(out)
     source.write("data: 1\n\n")
@@ -52,7 +54,7 @@ describe("SseRelay", () => {
 
   it("destroys the source when the client side goes away", async () => {
     const source = new PassThrough()
-    const out = SseRelay.relay(source, () => breakEvent)
+    const out = SseRelay.relay(source, { onBreak: () => breakEvent })
     out.resume()
     source.write("data: 1\n\n")
     const closed = new Promise<void>((resolve) => source.once("close", () => resolve()))
@@ -63,7 +65,7 @@ describe("SseRelay", () => {
 
   it("applies back-pressure: a slow reader pauses the source", async () => {
     const source = new PassThrough({ highWaterMark: 16 })
-    const out = SseRelay.relay(source, () => breakEvent)
+    const out = SseRelay.relay(source, { onBreak: () => breakEvent })
     const big = "x".repeat(64 * 1024)
     for (let i = 0; i < 8; i++) source.write(big)
     await new Promise((resolve) => setImmediate(resolve))
@@ -71,5 +73,35 @@ describe("SseRelay", () => {
     const text = collect(out)
     source.end()
     expect((await text).length).toBe(8 * big.length)
+  })
+
+  it("holds [DONE] back until the answer is recorded, then sends it", async () => {
+    const source = new PassThrough()
+    let release: (instead: Uint8Array | undefined) => void = () => {}
+    const recorded = new Promise<Uint8Array | undefined>((resolve) => {
+      release = resolve
+    })
+    const out = SseRelay.relay(source, { onBreak: () => breakEvent, beforeEnd: () => recorded })
+    let text = ""
+    out.on("data", (chunk: Buffer) => {
+      text += chunk.toString()
+    })
+    const ended = new Promise<void>((resolve) => out.once("end", () => resolve()))
+    source.write("data: 1\n\ndata: [DONE]\n\n")
+    source.end()
+    await new Promise((resolve) => setTimeout(resolve, 20))
+    expect(text).toBe("data: 1\n\n")
+    release(undefined)
+    await ended
+    expect(text).toBe("data: 1\n\ndata: [DONE]\n\n")
+  })
+
+  it("ends with the replacement event instead of [DONE] when the answer could not be recorded", async () => {
+    const source = new PassThrough()
+    const unrecorded = new TextEncoder().encode('data: {"error":{"message":"not recorded"}}\n\n')
+    const out = SseRelay.relay(source, { onBreak: () => breakEvent, beforeEnd: async () => unrecorded })
+    const text = collect(out)
+    source.end("data: 1\n\ndata: [DONE]\n\n")
+    expect(await text).toBe('data: 1\n\ndata: {"error":{"message":"not recorded"}}\n\n')
   })
 })

@@ -67,6 +67,20 @@ export class ServerConfig extends Schema.Class<ServerConfig>("ServerConfig")({
   maxBodyBytes: snakeWithDefault("max_body_bytes", PositiveInt, () => 4 * 1024 * 1024)
 }) {}
 
+/** How requests are recorded in the event log. */
+export class EventsConfig extends Schema.Class<EventsConfig>("EventsConfig")({
+  /**
+   * What of the request body goes on `RequestReceived`: `hash` (default; a SHA-256 and the size),
+   * `full` (the body itself — needed to retry dead letters, but prompts can hold private data),
+   * or `none`.
+   */
+  storePayloads: snakeWithDefault(
+    "store_payloads",
+    Schema.Literal("full", "hash", "none"),
+    () => "hash" as const
+  )
+}) {}
+
 const uniqueNames = (models: ReadonlyArray<ModelConfig>) => {
   const seen = new Set<string>()
   for (const [i, model] of models.entries()) {
@@ -90,6 +104,7 @@ const uniqueNames = (models: ReadonlyArray<ModelConfig>) => {
 export class GatewayConfig extends Schema.Class<GatewayConfig>("GatewayConfig")({
   server: Schema.optionalWith(ServerConfig, { default: () => ServerConfig.make({}) }),
   timeouts: Schema.optionalWith(Timeouts, { default: () => Timeouts.make({}) }),
+  events: Schema.optionalWith(EventsConfig, { default: () => EventsConfig.make({}) }),
   models: Schema.NonEmptyArray(ModelConfig).pipe(Schema.filter(uniqueNames))
 }) {
   /** The timeouts that apply to one model: its overrides over the global ones. */

@@ -20,11 +20,12 @@ export type BackendId = typeof BackendId.Type
 
 const isRequestId = Schema.is(RequestId)
 
-/** Accepts a client-supplied request id when it is well-formed, otherwise makes a fresh one. */
-export const requestIdFrom = (header: string | undefined): RequestId =>
-  header !== undefined && isRequestId(header)
-    ? header
-    : RequestId.make(crypto.randomUUID(), { disableValidation: true })
+/** A fresh request id. The gateway always makes its own: ids clients send need not be unique. */
+export const newRequestId = (): RequestId => RequestId.make(crypto.randomUUID(), { disableValidation: true })
+
+/** A client's `x-request-id` when it is well-formed (safe to echo and log), else `undefined`. */
+export const clientRequestId = (header: string | undefined): string | undefined =>
+  header !== undefined && isRequestId(header) ? header : undefined
 
 /** A tenant (organisation) that owns API keys; usage and budgets roll up to it. */
 export const TenantId = Schema.String.pipe(

@@ -2,18 +2,22 @@ import { describe, expect, it } from "@effect/vitest"
 import { Ids } from "@gateway/domain"
 import { Schema } from "effect"
 
-describe("requestIdFrom", () => {
+describe("request ids", () => {
   it("keeps a well-formed client request id", () => {
-    expect(Ids.requestIdFrom("req_123:abc-DEF.4")).toBe("req_123:abc-DEF.4")
+    expect(Ids.clientRequestId("req_123:abc-DEF.4")).toBe("req_123:abc-DEF.4")
   })
 
-  it("replaces a missing, oversized or unsafe one with a fresh UUID", () => {
+  it("drops a missing, oversized or unsafe client request id", () => {
+    expect(Ids.clientRequestId(undefined)).toBeUndefined()
+    expect(Ids.clientRequestId("x".repeat(129))).toBeUndefined()
+    expect(Ids.clientRequestId("evil\nheader")).toBeUndefined()
+    expect(Ids.clientRequestId("")).toBeUndefined()
+  })
+
+  it("makes a fresh UUID for every request", () => {
     const uuid = /^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/
-    expect(Ids.requestIdFrom(undefined)).toMatch(uuid)
-    expect(Ids.requestIdFrom("x".repeat(129))).toMatch(uuid)
-    expect(Ids.requestIdFrom("evil\nheader")).toMatch(uuid)
-    expect(Ids.requestIdFrom("")).toMatch(uuid)
-    expect(Ids.requestIdFrom(undefined)).not.toBe(Ids.requestIdFrom(undefined))
+    expect(Ids.newRequestId()).toMatch(uuid)
+    expect(Ids.newRequestId()).not.toBe(Ids.newRequestId())
   })
 })
 

@@ -7,7 +7,7 @@ import { mkdirSync, mkdtempSync, rmSync } from "node:fs"
 import { tmpdir } from "node:os"
 import { join } from "node:path"
 import { NodeContext } from "@effect/platform-node"
-import type { SqlClient } from "@effect/sql"
+import { SqlClient } from "@effect/sql"
 import { PgClient } from "@effect/sql-pg"
 import { PGlite } from "@electric-sql/pglite"
 import { PGLiteSocketServer } from "@electric-sql/pglite-socket"
@@ -95,6 +95,37 @@ export const layerEmbedded = (dataDir: string | undefined) =>
       )
     })
   )
+
+const adminStatement = (adminUrl: string, statement: string) =>
+  Effect.flatMap(SqlClient.SqlClient, (sql) => sql.unsafe(statement)).pipe(
+    Effect.provide(PgClient.layer({ url: Redacted.make(adminUrl), maxConnections: 1 })),
+    Effect.orDie
+  )
+
+/**
+ * A throwaway database on the PostgreSQL server at `adminUrl`, dropped when the scope closes;
+ * returns its URL. For tests that need a real server but must not share its data.
+ */
+export const freshPostgres = (adminUrl: string) =>
+  Effect.gen(function* () {
+    const name = `gateway_test_${process.pid}_${Math.floor(Math.random() * 1e9)}`
+    yield* Effect.acquireRelease(adminStatement(adminUrl, `CREATE DATABASE ${name}`), () =>
+      adminStatement(adminUrl, `DROP DATABASE IF EXISTS ${name} WITH (FORCE)`)
+    )
+    const url = new URL(adminUrl)
+    url.pathname = `/${name}`
+    return url.toString()
+  })
+
+/** A fresh, migrated database on the test server (`TEST_DATABASE_URL`, the local one by default). */
+export const layerTest = Layer.unwrapScoped(
+  Effect.gen(function* () {
+    const adminUrl = yield* Config.string("TEST_DATABASE_URL").pipe(
+      Config.withDefault("postgres://postgres@127.0.0.1:5432/postgres")
+    )
+    return layerPostgres(Redacted.make(yield* freshPostgres(adminUrl)), { maxConnections: 8 })
+  })
+).pipe(Layer.orDie)
 
 /** `DATABASE_URL` when set, otherwise PGlite under `DATA_DIR` (default `./.data`). */
 export const layerConfig = Layer.unwrapEffect(

@@ -4,7 +4,7 @@
  */
 import { createServer } from "node:http"
 import { NodeContext, NodeHttpServer } from "@effect/platform-node"
-import { ConfigLoader, HttpApp, Models, OpenAiCompatible, Settings, Tracing } from "@gateway/core"
+import { ConfigLoader, HttpApp, Models, OpenAiCompatible, Recording, Settings, Tracing } from "@gateway/core"
 import { GatewayConfig } from "@gateway/domain"
 import { Config, ConfigError, Effect, Either, Layer, LogLevel, Option } from "effect"
 
@@ -15,6 +15,8 @@ export interface Options {
   readonly port?: number | undefined
   /** Overrides `server.host` from the config file. */
   readonly host?: string | undefined
+  /** Record every request in the event log (default). Off only to measure what it costs. */
+  readonly recording?: boolean | undefined
 }
 
 /** The options from `GATEWAY_CONFIG`, `PORT` and `HOST`. */
@@ -23,10 +25,12 @@ export const optionsFromEnv = (defaultConfigPath: string) =>
     const configPath = yield* Config.string("GATEWAY_CONFIG").pipe(Config.withDefault(defaultConfigPath))
     const port = yield* Config.port("PORT").pipe(Config.option)
     const host = yield* Config.string("HOST").pipe(Config.option)
+    const recording = yield* Config.literal("on", "off")("GATEWAY_RECORDING").pipe(Config.withDefault("on"))
     return {
       configPath,
       port: Option.getOrUndefined(port),
-      host: Option.getOrUndefined(host)
+      host: Option.getOrUndefined(host),
+      recording: recording === "on"
     } satisfies Options
   })
 
@@ -92,6 +96,7 @@ const settings = (options: Options) =>
 /** The whole gateway: serves until interrupted. */
 export const layer = (options: Options) =>
   HttpApp.layer.pipe(
+    Layer.provide(options.recording === false ? Recording.layerDisabled : Recording.layer),
     Layer.provide(Models.Models.Default),
     Layer.provide(OpenAiCompatible.layer),
     Layer.provideMerge(server),

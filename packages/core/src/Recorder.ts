@@ -1,0 +1,96 @@
+/**
+ * Records each request's lifecycle on its stream `request-<id>`. The opening events are queued
+ * and written with whatever else is in flight; the terminal event is waited for, because the
+ * client may only see the end of its answer once that answer is on the books (the durability
+ * rule). Rejections are recorded without waiting: nothing is billed, and a flood of bad
+ * requests must not make the gateway wait on the database.
+ */
+import { createHash } from "node:crypto"
+import { Events, type Ids } from "@gateway/domain"
+import { type EventStore, EventWriter } from "@gateway/event-store"
+import { Clock, Context, Effect, Layer } from "effect"
+
+export type PayloadMode = Events.PayloadMode
+
+/** One request's recording, owned by the request's fiber. */
+export interface Recording {
+  /** Queues events; returns once they are queued. */
+  readonly record: (...events: ReadonlyArray<Events.RequestEvent>) => Effect.Effect<void>
+  /** Queues events ending with the terminal one, and waits until they are committed. */
+  readonly finish: (
+    ...events: ReadonlyArray<Events.RequestEvent>
+  ) => Effect.Effect<void, EventStore.EventStoreError>
+  /** How the request body is kept on the `RequestReceived` event, per `store_payloads`. */
+  readonly payload: (raw: Uint8Array, body: unknown) => Events.Payload
+}
+
+export class Recorder extends Context.Tag("@gateway/core/Recorder")<
+  Recorder,
+  { readonly start: (requestId: Ids.RequestId, correlationId?: string) => Recording }
+>() {}
+
+const payloadOf =
+  (mode: PayloadMode) =>
+  (raw: Uint8Array, body: unknown): Events.Payload => {
+    switch (mode) {
+      case "none":
+        return { kind: "none" }
+      case "hash":
+        return { kind: "hash", sha256: createHash("sha256").update(raw).digest("hex"), bytes: raw.length }
+      case "full":
+        return { kind: "full", body, bytes: raw.length }
+    }
+  }
+
+export const make = (options: { readonly payloads: PayloadMode }) =>
+  Effect.gen(function* () {
+    const writer = yield* EventWriter.EventWriter
+    const payload = payloadOf(options.payloads)
+
+    const start = (requestId: Ids.RequestId, correlationId?: string): Recording => {
+      const streamId = Events.streamIdOf(requestId)
+      let version = 0
+      let causationId: string | null = null
+
+      /** Stamps the events with their ids, versions and metadata, in order. */
+      const prepare = (events: ReadonlyArray<Events.RequestEvent>) =>
+        Effect.map(Clock.currentTimeMillis, (now): EventStore.StreamWrite => {
+          const firstVersion = version + 1
+          const prepared = events.map((event): EventStore.NewEvent => {
+            const eventId = crypto.randomUUID()
+            const { type, data } = Events.encodeRequestEvent(event)
+            const metadata = Events.makeMetadata({
+              requestId,
+              ...(correlationId === undefined ? {} : { correlationId }),
+              causationId,
+              occurredAt: now
+            })
+            causationId = eventId
+            return { eventId, type, data, metadata }
+          })
+          version += events.length
+          return { streamId, firstVersion, events: prepared }
+        })
+
+      return {
+        record: (...events) =>
+          events.length === 0 ? Effect.void : Effect.asVoid(Effect.flatMap(prepare(events), writer.write)),
+        finish: (...events) => Effect.flatMap(prepare(events), writer.writeAndWait),
+        payload
+      }
+    }
+
+    return Recorder.of({ start })
+  })
+
+export const layer = (options: {
+  readonly payloads: PayloadMode
+}): Layer.Layer<Recorder, never, EventWriter.EventWriter> => Layer.effect(Recorder, make(options))
+
+/** Records nothing: for benchmarks that measure what recording costs. */
+export const layerDisabled: Layer.Layer<Recorder> = Layer.succeed(
+  Recorder,
+  Recorder.of({
+    start: () => ({ record: () => Effect.void, finish: () => Effect.void, payload: () => ({ kind: "none" }) })
+  })
+)

@@ -1,0 +1,43 @@
+/**
+ * The event log behind the gateway: the database (PostgreSQL at `DATABASE_URL`, or embedded
+ * PGlite), the group-commit writer and the per-request recorder, with the database's health on
+ * `/ready`. Or nothing at all, for benchmarks that measure what recording costs.
+ */
+import { SqlClient } from "@effect/sql"
+import { Database, EventWriter } from "@gateway/event-store"
+import { Effect, Layer } from "effect"
+import { Readiness } from "./Readiness.js"
+import * as Recorder from "./Recorder.js"
+import { Settings } from "./Settings.js"
+
+const databaseReady = Layer.effectDiscard(
+  Effect.gen(function* () {
+    const readiness = yield* Readiness
+    const sql = yield* SqlClient.SqlClient
+    const database = yield* Database.Database
+    yield* readiness.register(
+      "database",
+      sql`SELECT 1`.pipe(
+        Effect.asVoid,
+        Effect.mapError((e) => e.message)
+      )
+    )
+    yield* Effect.logInfo("event store ready", { database: database.description })
+  })
+)
+
+/** Recording on the database named by the environment. */
+export const layer: Layer.Layer<Recorder.Recorder | Readiness, unknown, Settings> = Layer.unwrapEffect(
+  Effect.map(Settings, (config) => Recorder.layer({ payloads: config.events.storePayloads }))
+).pipe(
+  Layer.provideMerge(databaseReady),
+  Layer.provide(EventWriter.layer()),
+  Layer.provide(Database.layerStoreConfig),
+  Layer.provideMerge(Readiness.Default)
+)
+
+/** No recording at all. */
+export const layerDisabled: Layer.Layer<Recorder.Recorder | Readiness> = Layer.merge(
+  Recorder.layerDisabled,
+  Readiness.Default
+)
