@@ -438,7 +438,9 @@ layer(Stack.layer, { excludeTestServices: true })("error answers of the gateway"
       const requests = gateway.logs().filter((l) => l.msg === "request")
       expect(requests.length).toBeGreaterThan(20)
       // The one 500 passed on from the backend on purpose aside.
-      expect(requests.filter((l) => l.status === 500 && l.client_request_id !== "e2e-backend-500")).toEqual([])
+      expect(requests.filter((l) => l.status === 500 && l.client_request_id !== "e2e-backend-500")).toEqual(
+        []
+      )
       expect(gateway.logs().filter((l) => l.level === "error" || l.level === "fatal")).toEqual([])
       expect(gateway.child.stderr).toEqual([])
     })

@@ -11,7 +11,7 @@ import { SqlClient } from "@effect/sql"
 import { PgClient } from "@effect/sql-pg"
 import { PGlite } from "@electric-sql/pglite"
 import { PGLiteSocketServer } from "@electric-sql/pglite-socket"
-import { Config, Context, Effect, Layer, Option, Redacted, Stream } from "effect"
+import { Config, Context, Effect, Layer, Option, Redacted } from "effect"
 import * as EventStore from "./EventStore.js"
 import * as Migrations from "./Migrations.js"
 
