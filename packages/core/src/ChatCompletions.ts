@@ -237,7 +237,7 @@ export class ChatCompletions extends Effect.Service<ChatCompletions>()("@gateway
                       ttftMs:
                         scanner.firstContentAt === undefined
                           ? null
-                          : elapsed(info.startedAt) - elapsed(scanner.firstContentAt),
+                          : Math.round((scanner.firstContentAt - info.startedAt) * 100) / 100,
                       finishReason: scanner.finishReason,
                       cached: false,
                       stream: true,

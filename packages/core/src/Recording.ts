@@ -1,11 +1,12 @@
 /**
  * The event log behind the gateway: the database (PostgreSQL at `DATABASE_URL`, or embedded
- * PGlite), the group-commit writer and the per-request recorder, with the database's health on
- * `/ready`. Or nothing at all, for benchmarks that measure what recording costs.
+ * PGlite), the group-commit writer, the per-request recorder and the projections that follow
+ * the log (`request_log`, `usage_hourly`, `dead_letters`), with the database's health on `/ready`. Or nothing at all, for benchmarks that measure what recording costs.
  */
 import { SqlClient } from "@effect/sql"
-import { Database, EventWriter } from "@gateway/event-store"
+import { Database, EventWriter, ProjectionRunner } from "@gateway/event-store"
 import { Effect, Layer } from "effect"
+import * as Projections from "./projections/index.js"
 import { Readiness } from "./Readiness.js"
 import * as Recorder from "./Recorder.js"
 import { Settings } from "./Settings.js"
@@ -27,10 +28,15 @@ const databaseReady = Layer.effectDiscard(
 )
 
 /** Recording on the database named by the environment. */
-export const layer: Layer.Layer<Recorder.Recorder | Readiness, unknown, Settings> = Layer.unwrapEffect(
+export const layer: Layer.Layer<
+  Recorder.Recorder | Readiness | ProjectionRunner.ProjectionRunner,
+  unknown,
+  Settings
+> = Layer.unwrapEffect(
   Effect.map(Settings, (config) => Recorder.layer({ payloads: config.events.storePayloads }))
 ).pipe(
   Layer.provideMerge(databaseReady),
+  Layer.provideMerge(ProjectionRunner.layer(Projections.all)),
   Layer.provide(EventWriter.layer()),
   Layer.provide(Database.layerStoreConfig),
   Layer.provideMerge(Readiness.Default)

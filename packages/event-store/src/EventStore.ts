@@ -301,7 +301,7 @@ export const make = (options: Options = {}) =>
     const readStream = (streamId: string, fromVersion = 1) =>
       sql
         .unsafe<Row>(
-          `SELECT ${columns} FROM events WHERE stream_id = $1 AND stream_version >= $2 ORDER BY stream_version`,
+          `SELECT ${columns} FROM events WHERE stream_id = $1 AND stream_version >= $2 ORDER BY events.stream_version`,
           [streamId, fromVersion]
         )
         .pipe(
@@ -316,7 +316,7 @@ export const make = (options: Options = {}) =>
           `SELECT ${columns} FROM events
            WHERE (transaction_id, position) > ($1::xid8, $2::bigint)
              AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())
-           ORDER BY transaction_id, position
+           ORDER BY events.transaction_id, events.position
            LIMIT $3`,
           [cursor.transactionId, cursor.position, limit]
         )

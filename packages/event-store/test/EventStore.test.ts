@@ -115,11 +115,20 @@ for (const [name, database] of TestDatabases.all) {
         const before = yield* collect(store.readAll(EventStore.start))
         const from = before.length === 0 ? EventStore.start : EventStore.cursorOf(before[before.length - 1]!)
         const streamId = uniqueStream("order")
-        for (let i = 0; i < 7; i++) yield* store.append(streamId, [event("E", { i })], i)
-        const after = yield* collect(store.readAll(from, { batchSize: 3 }))
-        expect(after.map((e) => (e.data as { i: number }).i)).toEqual([0, 1, 2, 3, 4, 5, 6])
-        const resumed = yield* collect(store.readAll(EventStore.cursorOf(after[3]!), { batchSize: 2 }))
-        expect(resumed.map((e) => (e.data as { i: number }).i)).toEqual([4, 5, 6])
+        // Enough events in one transaction that positions cross the next power of ten (9 → 10,
+        // 99 → 100 …), where an order by their text would go wrong.
+        const last = before.length === 0 ? 0 : Number(before[before.length - 1]!.position)
+        const count = 10 ** String(last + 2).length - last + 3
+        const many = Array.from({ length: count }, (_, i) => i)
+        yield* store.appendBatch([{ streamId, firstVersion: 1, events: many.map((i) => event("E", { i })) }])
+        for (let i = count; i < count + 3; i++) yield* store.append(streamId, [event("E", { i })], i)
+        const all = [...many, count, count + 1, count + 2]
+        const after = yield* collect(store.readAll(from, { batchSize: 4 }))
+        expect(after.map((e) => (e.data as { i: number }).i)).toEqual(all)
+        const resumed = yield* collect(
+          store.readAll(EventStore.cursorOf(after[count - 3]!), { batchSize: 2 })
+        )
+        expect(resumed.map((e) => (e.data as { i: number }).i)).toEqual(all.slice(count - 2))
         const positions = after.map((e) => BigInt(e.position))
         expect(positions.every((p, i) => i === 0 || p > positions[i - 1]!)).toBe(true)
       })

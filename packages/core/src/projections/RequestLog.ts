@@ -1,0 +1,174 @@
+/**
+ * `request_log`: one row per request, its latest state — the audit trail: who asked what model,
+ * which backend answered, status, tokens, cost, latency, time to first token, the error.
+ */
+import { SqlClient } from "@effect/sql"
+import type { EventStore, Projection } from "@gateway/event-store"
+import { Effect } from "effect"
+import { data, meta } from "./Fields.js"
+
+/** Fields learnt so far in the batch; `undefined` keeps what the table already has. */
+interface Row {
+  requestId: string
+  correlationId?: string | undefined
+  keyId?: string | undefined
+  tenantId?: string | undefined
+  model?: string | undefined
+  backend?: string | undefined
+  stream?: boolean | undefined
+  outcome?: string | undefined
+  httpStatus?: number | undefined
+  promptTokens?: number | undefined
+  completionTokens?: number | undefined
+  costMicroUsd?: number | undefined
+  latencyMs?: number | undefined
+  ttftMs?: number | null | undefined
+  error?: string | undefined
+  receivedAt?: string | undefined
+  finishedAt?: string | undefined
+  lastPosition: string
+}
+
+const columns: ReadonlyArray<readonly [column: string, type: string, field: keyof Row]> = [
+  ["request_id", "text", "requestId"],
+  ["correlation_id", "text", "correlationId"],
+  ["key_id", "text", "keyId"],
+  ["tenant_id", "text", "tenantId"],
+  ["model", "text", "model"],
+  ["backend", "text", "backend"],
+  ["stream", "boolean", "stream"],
+  ["outcome", "text", "outcome"],
+  ["http_status", "int", "httpStatus"],
+  ["prompt_tokens", "int", "promptTokens"],
+  ["completion_tokens", "int", "completionTokens"],
+  ["cost_micro_usd", "bigint", "costMicroUsd"],
+  ["latency_ms", "double precision", "latencyMs"],
+  ["ttft_ms", "double precision", "ttftMs"],
+  ["error", "text", "error"],
+  ["received_at", "timestamptz", "receivedAt"],
+  ["finished_at", "timestamptz", "finishedAt"],
+  ["last_position", "bigint", "lastPosition"]
+]
+
+export const projection: Projection.Projection<Map<string, Row>> = {
+  name: "request_log",
+  tables: ["request_log"],
+  create: (tables) =>
+    Effect.flatMap(SqlClient.SqlClient, (sql) =>
+      sql.unsafe(`
+        CREATE TABLE IF NOT EXISTS ${tables("request_log")} (
+          request_id text PRIMARY KEY,
+          correlation_id text,
+          key_id text,
+          tenant_id text,
+          model text,
+          backend text,
+          stream boolean,
+          outcome text NOT NULL,
+          http_status int,
+          prompt_tokens int,
+          completion_tokens int,
+          cost_micro_usd bigint,
+          latency_ms double precision,
+          ttft_ms double precision,
+          error text,
+          received_at timestamptz,
+          finished_at timestamptz,
+          last_position bigint NOT NULL
+        )`)
+    ),
+  empty: () => new Map(),
+  evolve: (rows, event: EventStore.RecordedEvent) => {
+    const m = meta(event)
+    const d = data(event)
+    const row: Row = rows.get(m.requestId) ?? { requestId: m.requestId, lastPosition: event.position }
+    row.lastPosition = event.position
+    row.correlationId ??= m.correlationId
+    row.keyId ??= m.keyId
+    row.tenantId ??= m.tenantId
+    switch (event.type) {
+      case "RequestReceived":
+        row.model = d.model
+        row.stream = d.stream
+        row.outcome ??= "received"
+        row.receivedAt = m.occurredAt
+        break
+      case "RequestRouted":
+        row.model = d.model
+        row.backend = d.backend
+        break
+      case "AttemptStarted":
+        row.backend = d.backend
+        break
+      case "RequestCompleted":
+        Object.assign(row, {
+          outcome: "completed",
+          model: d.model,
+          backend: d.backend,
+          httpStatus: d.status,
+          promptTokens: d.promptTokens,
+          completionTokens: d.completionTokens,
+          costMicroUsd: d.cost?.amountMicroUsd ?? undefined,
+          latencyMs: d.latencyMs,
+          ttftMs: d.ttftMs,
+          finishedAt: m.occurredAt
+        })
+        break
+      case "RequestFailed":
+        Object.assign(row, {
+          outcome: "failed",
+          httpStatus: d.status,
+          error: d.error.message,
+          finishedAt: m.occurredAt
+        })
+        break
+      case "RequestCancelled":
+        Object.assign(row, {
+          outcome: "cancelled",
+          httpStatus: 499,
+          completionTokens: d.tokensDelivered,
+          latencyMs: d.latencyMs,
+          finishedAt: m.occurredAt
+        })
+        break
+      case "RequestRejected":
+        Object.assign(row, {
+          outcome: "rejected",
+          httpStatus: d.status,
+          error: d.message,
+          finishedAt: m.occurredAt
+        })
+        row.receivedAt ??= m.occurredAt
+        break
+      case "DeadLettered":
+        Object.assign(row, { outcome: "dead_lettered", error: d.lastError })
+        break
+    }
+    rows.set(m.requestId, row)
+    return rows
+  },
+  apply: (rows, tables) => {
+    if (rows.size === 0) return Effect.void
+    const all = Array.from(rows.values())
+    for (const row of all) row.outcome ??= "received"
+    const names = columns.map(([c]) => c).join(", ")
+    const arrays = columns.map(([, type], i) => `$${i + 1}::${type}[]`).join(", ")
+    const updates = columns
+      .slice(1)
+      .map(([c]) =>
+        c === "last_position" || c === "outcome"
+          ? `${c} = excluded.${c}`
+          : `${c} = coalesce(excluded.${c}, t.${c})`
+      )
+      .join(",\n           ")
+    return Effect.flatMap(SqlClient.SqlClient, (sql) =>
+      sql.unsafe(
+        `INSERT INTO ${tables("request_log")} AS t (${names})
+         SELECT * FROM unnest(${arrays})
+         ON CONFLICT (request_id) DO UPDATE SET
+           ${updates}`,
+        columns.map(([, , field]) => all.map((row) => row[field] ?? null))
+      )
+    ).pipe(Effect.asVoid)
+  }
+}

@@ -1,0 +1,256 @@
+/**
+ * Runs projections in the background: each follows the log from its checkpoint in a fiber of
+ * its own. On PostgreSQL only one replica runs a given projection at a time — the one holding
+ * its advisory lock on a reserved connection; when that replica dies its connection closes, the
+ * lock is released and another takes over. Every batch is applied in one transaction that first
+ * checks the checkpoint has not moved, so even two runners could not apply an event twice.
+ */
+import { SqlClient, type SqlError } from "@effect/sql"
+import { Context, type Duration, Effect, Layer, Ref, Schedule, Stream } from "effect"
+import { Database } from "./Database.js"
+import {
+  type Cursor,
+  cursorOf,
+  EventStore,
+  type EventStoreError,
+  type RecordedEvent,
+  start
+} from "./EventStore.js"
+import * as Projection from "./Projection.js"
+
+export interface Status {
+  readonly name: string
+  readonly position: string
+  readonly eventsApplied: number
+  readonly lastError: string | null
+  readonly leader: boolean
+}
+
+export class ProjectionRunner extends Context.Tag("@gateway/event-store/ProjectionRunner")<
+  ProjectionRunner,
+  {
+    readonly status: Effect.Effect<ReadonlyArray<Status>, SqlError.SqlError>
+    /** Resolves once every projection has applied the log up to what is committed now. */
+    readonly caughtUp: Effect.Effect<void, SqlError.SqlError | EventStoreError>
+  }
+>() {}
+
+/** Another runner advanced the checkpoint under us: start again from where it is. */
+class CheckpointMoved {
+  readonly _tag = "CheckpointMoved"
+}
+
+/** Restarts of a runner after a failure (the database went away, a projection's SQL failed). */
+const restart = Schedule.exponential("500 millis").pipe(
+  Schedule.union(Schedule.spaced("30 seconds")),
+  Schedule.jittered
+)
+
+/** How often a follower tries to take the lead, and a leader checks its lock connection. */
+const leadershipCheck = "5 seconds"
+
+const lockKey = (name: string) => `gateway.projection.${name}`
+
+export const readCheckpoint = (name: string) =>
+  Effect.flatMap(SqlClient.SqlClient, (sql) =>
+    sql<{ transaction_id: string; position: string }>`
+      SELECT transaction_id::text AS transaction_id, position::text AS position
+      FROM projection_checkpoints WHERE name = ${name}`.pipe(
+      Effect.map((rows): Cursor => {
+        const row = rows[0]
+        return row === undefined ? start : { transactionId: row.transaction_id, position: row.position }
+      })
+    )
+  )
+
+/**
+ * Applies one batch and moves the checkpoint from `from` to the batch's last event, in one
+ * transaction, unless the checkpoint is no longer at `from`.
+ */
+export const applyBatch = <D>(
+  projection: Projection.Projection<D>,
+  tables: Projection.Tables,
+  checkpointName: string,
+  from: Cursor,
+  events: ReadonlyArray<RecordedEvent>
+) =>
+  Effect.flatMap(SqlClient.SqlClient, (sql) =>
+    sql.withTransaction(
+      Effect.gen(function* () {
+        const [current] = yield* sql<{ transaction_id: string; position: string }>`
+          SELECT transaction_id::text AS transaction_id, position::text AS position
+          FROM projection_checkpoints WHERE name = ${checkpointName} FOR UPDATE`
+        const at: Cursor =
+          current === undefined
+            ? start
+            : { transactionId: current.transaction_id, position: current.position }
+        if (at.transactionId !== from.transactionId || at.position !== from.position) {
+          return yield* Effect.fail(new CheckpointMoved())
+        }
+        let delta = projection.empty()
+        for (const event of events) delta = projection.evolve(delta, event)
+        yield* projection.apply(delta, tables)
+        const last = cursorOf(events[events.length - 1]!)
+        yield* sql`
+          INSERT INTO projection_checkpoints (name, transaction_id, position, events_applied, last_error, updated_at)
+          VALUES (${checkpointName}, ${last.transactionId}::xid8, ${last.position}::bigint, ${events.length}, NULL, now())
+          ON CONFLICT (name) DO UPDATE SET
+            transaction_id = excluded.transaction_id,
+            position = excluded.position,
+            events_applied = projection_checkpoints.events_applied + excluded.events_applied,
+            last_error = NULL,
+            updated_at = now()`
+        return last
+      })
+    )
+  )
+
+const recordError = (name: string, message: string) =>
+  Effect.flatMap(
+    SqlClient.SqlClient,
+    (sql) =>
+      sql`
+      INSERT INTO projection_checkpoints (name, last_error) VALUES (${name}, ${message})
+      ON CONFLICT (name) DO UPDATE SET last_error = excluded.last_error, updated_at = now()`
+  ).pipe(Effect.ignore)
+
+export interface Options {
+  readonly batchSize?: number
+  readonly pollInterval?: Duration.DurationInput
+}
+
+export const make = (projections: ReadonlyArray<Projection.Any>, options: Options = {}) =>
+  Effect.gen(function* () {
+    const sql = yield* SqlClient.SqlClient
+    const store = yield* EventStore
+    const database = yield* Database
+    const leaders = yield* Ref.make(new Set<string>())
+
+    for (const projection of projections) yield* projection.create(Projection.liveTables)
+
+    /** Follows the log from the checkpoint, applying batch after batch, until it fails. */
+    const follow = (projection: Projection.Any) =>
+      Effect.gen(function* () {
+        const from = yield* readCheckpoint(projection.name)
+        const position = yield* Ref.make(from)
+        yield* store
+          .subscribe(from, {
+            batchSize: options.batchSize ?? 1000,
+            pollInterval: options.pollInterval ?? "1 second"
+          })
+          .pipe(
+            Stream.chunks,
+            Stream.runForEach((chunk) => {
+              const events = Array.from(chunk)
+              if (events.length === 0) return Effect.void
+              return Ref.get(position).pipe(
+                Effect.flatMap((at) =>
+                  applyBatch(projection, Projection.liveTables, projection.name, at, events)
+                ),
+                Effect.flatMap((last) => Ref.set(position, last))
+              )
+            })
+          )
+      })
+
+    /** Runs `projection` while holding its advisory lock (PostgreSQL), or always (embedded). */
+    const lead = (projection: Projection.Any) =>
+      database.kind === "embedded"
+        ? Effect.zipRight(
+            Ref.update(leaders, (s) => new Set(s).add(projection.name)),
+            follow(projection)
+          )
+        : Effect.scoped(
+            Effect.gen(function* () {
+              const connection = yield* sql.reserve
+              const [row] = yield* connection.execute(
+                "SELECT pg_try_advisory_lock(hashtext($1)) AS locked",
+                [lockKey(projection.name)],
+                undefined
+              )
+              if (row?.locked !== true) return // another replica leads; try again later
+              yield* Ref.update(leaders, (s) => new Set(s).add(projection.name))
+              yield* Effect.addFinalizer(() =>
+                Ref.update(leaders, (s) => {
+                  const next = new Set(s)
+                  next.delete(projection.name)
+                  return next
+                })
+              )
+              yield* Effect.logInfo("projection running", { projection: projection.name })
+              // The lock lives as long as this connection: if it breaks, stop and let the lead go.
+              const heartbeat = connection
+                .execute("SELECT 1", [], undefined)
+                .pipe(Effect.delay(leadershipCheck), Effect.forever)
+              yield* Effect.raceFirst(follow(projection), heartbeat)
+            })
+          )
+
+    const run = (projection: Projection.Any) =>
+      lead(projection).pipe(
+        Effect.catchAll((error) =>
+          error instanceof CheckpointMoved
+            ? Effect.void
+            : Effect.zipRight(
+                recordError(projection.name, "message" in error ? String(error.message) : String(error)),
+                Effect.fail(error)
+              )
+        ),
+        Effect.tapErrorCause((cause) =>
+          Effect.logWarning("projection stopped; restarting", { projection: projection.name }, cause)
+        ),
+        Effect.retry(restart),
+        Effect.zipRight(Effect.sleep(leadershipCheck)),
+        Effect.forever
+      )
+
+    yield* Effect.forEach(projections, (p) => Effect.forkScoped(run(p)), { discard: true })
+
+    const status = Effect.gen(function* () {
+      const rows = yield* sql<{
+        name: string
+        position: string
+        events_applied: string
+        last_error: string | null
+      }>`
+        SELECT name, position::text AS position, events_applied::text AS events_applied, last_error
+        FROM projection_checkpoints ORDER BY name`
+      const leading = yield* Ref.get(leaders)
+      return projections.map((p): Status => {
+        const row = rows.find((r) => r.name === p.name)
+        return {
+          name: p.name,
+          position: row?.position ?? "0",
+          eventsApplied: Number(row?.events_applied ?? 0),
+          lastError: row?.last_error ?? null,
+          leader: leading.has(p.name)
+        }
+      })
+    })
+
+    // The last event committed now, then every projection's checkpoint at or past it.
+    const caughtUp = Effect.gen(function* () {
+      const [last] = yield* sql<{ transaction_id: string; position: string }>`
+        SELECT transaction_id::text AS transaction_id, position::text AS position FROM events
+        WHERE transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+        ORDER BY events.transaction_id DESC, events.position DESC LIMIT 1`
+      if (last === undefined) return
+      const names = projections.map((p) => p.name)
+      const behind = sql.unsafe<{ n: number }>(
+        `SELECT count(*)::int AS n FROM unnest($1::text[]) AS p(name)
+         LEFT JOIN projection_checkpoints c ON c.name = p.name
+         WHERE c.name IS NULL OR (c.transaction_id, c.position) < ($2::xid8, $3::bigint)`,
+        [names, last.transaction_id, last.position]
+      )
+      yield* behind.pipe(
+        Effect.flatMap(([row]) => ((row?.n ?? 0) === 0 ? Effect.void : Effect.fail("behind" as const))),
+        Effect.retry(Schedule.spaced("25 millis")),
+        Effect.catchAll(() => Effect.void)
+      )
+    })
+
+    return ProjectionRunner.of({ status, caughtUp })
+  })
+
+export const layer = (projections: ReadonlyArray<Projection.Any>, options: Options = {}) =>
+  Layer.scoped(ProjectionRunner, make(projections, options))
