@@ -252,6 +252,8 @@ export type LogLine = Record<string, unknown>
 export interface Gateway {
   readonly url: string
   readonly child: Child
+  /** The database the gateway records its events into (dropped when the scope closes). */
+  readonly databaseUrl: string
   /** Every stdout line so far that is a JSON object. */
   readonly logs: () => ReadonlyArray<LogLine>
   /** Waits (3 s by default) for the access-log line of the request with this `x-request-id`. */
@@ -305,6 +307,7 @@ export const startGateway = (config: unknown): Effect.Effect<Gateway, never, Sco
     return {
       url,
       child,
+      databaseUrl,
       logs,
       accessLog: (requestId, timeout) =>
         eventually(

@@ -255,15 +255,17 @@ export class ChatCompletions extends Effect.Service<ChatCompletions>()("@gateway
                 )
             ),
           onBreak: (cause) => {
-            // The backend broke off after the headers: the request failed, and is recorded so.
+            // The backend broke off after the headers: the request failed; that is recorded
+            // before the client's stream ends, as any terminal event is.
             const error = answer.failure(cause)
             info.error = error.message
-            void run(recording.finish(...failed(error, true)).pipe(Effect.ignore))
-            return ErrorResponse.toSseEvent(ErrorResponse.render(error))
+            const event = ErrorResponse.toSseEvent(ErrorResponse.render(error))
+            return run(recording.finish(...failed(error, true)).pipe(Effect.ignore, Effect.as(event)))
           },
-          onClientGone: () => {
+          onClientGone: (midAnswer) => {
             info.clientClosed = true
-            void run(recording.record(cancelled(scanner.contentChunks, scanner.contentChunks > 0)))
+            if (midAnswer)
+              void run(recording.record(cancelled(scanner.contentChunks, scanner.contentChunks > 0)))
           }
         })
         return HttpServerResponse.raw(relayed, {

@@ -7,7 +7,7 @@
  */
 import { createHash } from "node:crypto"
 import { Events, type Ids } from "@gateway/domain"
-import { type EventStore, EventWriter } from "@gateway/event-store"
+import { type EventStore, EventWriter, type Spool } from "@gateway/event-store"
 import { Clock, Context, Effect, Layer } from "effect"
 
 export type PayloadMode = Events.PayloadMode
@@ -19,7 +19,7 @@ export interface Recording {
   /** Queues events ending with the terminal one, and waits until they are committed. */
   readonly finish: (
     ...events: ReadonlyArray<Events.RequestEvent>
-  ) => Effect.Effect<void, EventStore.EventStoreError>
+  ) => Effect.Effect<void, EventStore.EventStoreError | Spool.SpoolError>
   /** How the request body is kept on the `RequestReceived` event, per `store_payloads`. */
   readonly payload: (raw: Uint8Array, body: unknown) => Events.Payload
 }

@@ -1,11 +1,14 @@
 /**
  * The event log behind the gateway: the database (PostgreSQL at `DATABASE_URL`, or embedded
- * PGlite), the group-commit writer, the per-request recorder and the projections that follow
+ * PGlite), the group-commit writer with its spool for database outages (`SPOOL_DIR`, by default
+ * `./.data/spool`), the per-request recorder and the projections that follow
  * the log (`request_log`, `usage_hourly`, `dead_letters`), with the database's health on `/ready`. Or nothing at all, for benchmarks that measure what recording costs.
  */
+
+import { join } from "node:path"
 import { SqlClient } from "@effect/sql"
 import { Database, EventWriter, ProjectionRunner } from "@gateway/event-store"
-import { Effect, Layer } from "effect"
+import { Config, Effect, Layer } from "effect"
 import * as Projections from "./projections/index.js"
 import { Readiness } from "./Readiness.js"
 import * as Recorder from "./Recorder.js"
@@ -37,7 +40,15 @@ export const layer: Layer.Layer<
 ).pipe(
   Layer.provideMerge(databaseReady),
   Layer.provideMerge(ProjectionRunner.layer(Projections.all)),
-  Layer.provide(EventWriter.layer()),
+  Layer.provide(
+    Layer.unwrapEffect(
+      Effect.gen(function* () {
+        const dataDir = yield* Config.string("DATA_DIR").pipe(Config.withDefault("./.data"))
+        const spoolDir = yield* Config.string("SPOOL_DIR").pipe(Config.withDefault(join(dataDir, "spool")))
+        return EventWriter.layer({ spoolDir })
+      })
+    )
+  ),
   Layer.provide(Database.layerStoreConfig),
   Layer.provideMerge(Readiness.Default)
 )

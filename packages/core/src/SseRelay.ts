@@ -16,8 +16,13 @@ export interface Hooks {
   readonly onChunk?: (chunk: Uint8Array) => void
   /** Resolves with `undefined` to send the end as is, or with the event to end with instead. */
   readonly beforeEnd?: () => Promise<Uint8Array | undefined>
-  readonly onBreak: (cause: unknown) => Uint8Array
-  readonly onClientGone?: () => void
+  /** The event to end with when the backend breaks off; the stream ends once it resolves. */
+  readonly onBreak: (cause: unknown) => Promise<Uint8Array> | Uint8Array
+  /**
+   * The client went away: mid-answer (`true`), or while the end was being recorded (`false`; the
+   * answer was delivered and is on the books).
+   */
+  readonly onClientGone?: (midAnswer: boolean) => void
 }
 
 const done = "data: [DONE]"
@@ -33,8 +38,10 @@ export const relay = (source: Readable, hooks: Hooks): Readable => {
     destroy(error, callback) {
       if (!ended) {
         ended = true
+        const midAnswer = !upstreamOver
+        upstreamOver = true
         source.destroy()
-        hooks.onClientGone?.()
+        hooks.onClientGone?.(midAnswer)
       }
       callback(error)
     }
@@ -66,7 +73,7 @@ export const relay = (source: Readable, hooks: Hooks): Readable => {
   source.once("error", (cause) => {
     if (upstreamOver) return
     upstreamOver = true
-    end(hooks.onBreak(cause))
+    Promise.resolve(hooks.onBreak(cause)).then(end)
   })
   return out
 }

@@ -64,9 +64,13 @@ export class StreamVersionConflict extends Schema.TaggedError<StreamVersionConfl
   }
 }
 
-/** The database failed or could not be reached. */
+/**
+ * The database failed: `Unavailable` when it could not be reached or dropped the connection (the
+ * write may succeed later), `Rejected` when it refused the statement (it will not).
+ */
 export class EventStoreError extends Schema.TaggedError<EventStoreError>()("EventStoreError", {
   operation: Schema.String,
+  reason: Schema.Literal("Unavailable", "Rejected"),
   detail: Schema.String
 }) {
   override get message() {
@@ -158,7 +162,19 @@ const columns = `position::text AS position, transaction_id::text AS transaction
 const failed =
   (operation: string) =>
   (error: SqlError.SqlError): EventStoreError =>
-    new EventStoreError({ operation, detail: describe(error.cause ?? error) })
+    new EventStoreError({ operation, reason: reasonOf(error.cause), detail: describe(error.cause ?? error) })
+
+/**
+ * A statement the server refused carries a SQLSTATE; classes 08 (connection), 53 (resources) and
+ * 57 (operator intervention, e.g. shutdown) are the server going away, not the statement.
+ */
+const reasonOf = (cause: unknown): "Unavailable" | "Rejected" => {
+  const code = (cause as { code?: unknown } | undefined)?.code
+  if (typeof code === "string" && /^[0-9A-Z]{5}$/.test(code)) {
+    return /^(08|53|57)/.test(code) ? "Unavailable" : "Rejected"
+  }
+  return "Unavailable"
+}
 
 const describe = (cause: unknown): string => (cause instanceof Error ? cause.message : String(cause))
 

@@ -228,11 +228,11 @@ export const make = (projections: ReadonlyArray<Projection.Any>, options: Option
       })
     })
 
-    // The last event committed now, then every projection's checkpoint at or past it.
+    // The last event committed now (whether or not older transactions are still open), then
+    // every projection's checkpoint at or past it.
     const caughtUp = Effect.gen(function* () {
       const [last] = yield* sql<{ transaction_id: string; position: string }>`
         SELECT transaction_id::text AS transaction_id, position::text AS position FROM events
-        WHERE transaction_id < pg_snapshot_xmin(pg_current_snapshot())
         ORDER BY events.transaction_id DESC, events.position DESC LIMIT 1`
       if (last === undefined) return
       const names = projections.map((p) => p.name)
