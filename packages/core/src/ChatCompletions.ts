@@ -7,6 +7,7 @@ import { Errors, Events, OpenAi } from "@gateway/domain"
 import { Effect, Either, ParseResult, Runtime } from "effect"
 import type { RequestInfo } from "./CurrentRequest.js"
 import * as ErrorResponse from "./ErrorResponse.js"
+import { Meter } from "./Meter.js"
 import { Models } from "./Models.js"
 import { Recorder } from "./Recorder.js"
 import * as RequestBody from "./RequestBody.js"
@@ -109,6 +110,7 @@ export class ChatCompletions extends Effect.Service<ChatCompletions>()("@gateway
     const models = yield* Models
     const upstream = yield* Upstream
     const recorder = yield* Recorder
+    const meter = yield* Meter
     const { maxBodyBytes } = (yield* Settings).server
 
     const handle = (
@@ -187,16 +189,18 @@ export class ChatCompletions extends Effect.Service<ChatCompletions>()("@gateway
 
         if (answer._tag === "Complete") {
           const summary = summarize(answer.body)
+          const promptTokens = summary.usage?.prompt_tokens ?? estimateTokens(raw.length)
+          const completionTokens = summary.usage?.completion_tokens ?? estimateTokens(summary.contentChars)
           yield* recording
             .finish(
               new Events.RequestCompleted(
                 {
                   model,
                   backend,
-                  promptTokens: summary.usage?.prompt_tokens ?? estimateTokens(raw.length),
-                  completionTokens: summary.usage?.completion_tokens ?? estimateTokens(summary.contentChars),
+                  promptTokens,
+                  completionTokens,
                   usageSource: summary.usage === undefined ? "estimated" : "backend",
-                  cost: null,
+                  cost: meter.cost(model, promptTokens, completionTokens),
                   latencyMs: elapsed(info.startedAt),
                   ttftMs: null,
                   finishReason: summary.finishReason,
@@ -216,6 +220,12 @@ export class ChatCompletions extends Effect.Service<ChatCompletions>()("@gateway
         }
 
         const scanner = new SseScanner()
+        /** Tokens of the streamed answer and their cost, once it is complete. */
+        const usageOf = (scanned: SseScanner, requestBytes: number) => {
+          const promptTokens = scanned.usage?.prompt_tokens ?? estimateTokens(requestBytes)
+          const completionTokens = scanned.usage?.completion_tokens ?? scanned.contentChunks
+          return { promptTokens, completionTokens, cost: meter.cost(model, promptTokens, completionTokens) }
+        }
         const runtime = yield* Effect.runtime<never>()
         const run = Runtime.runPromise(runtime)
         const relayed = SseRelay.relay(answer.body, {
@@ -229,10 +239,8 @@ export class ChatCompletions extends Effect.Service<ChatCompletions>()("@gateway
                     {
                       model,
                       backend,
-                      promptTokens: scanner.usage?.prompt_tokens ?? estimateTokens(raw.length),
-                      completionTokens: scanner.usage?.completion_tokens ?? scanner.contentChunks,
+                      ...usageOf(scanner, raw.length),
                       usageSource: scanner.usage === undefined ? "estimated" : "backend",
-                      cost: null,
                       latencyMs: elapsed(info.startedAt),
                       ttftMs:
                         scanner.firstContentAt === undefined

@@ -9,6 +9,7 @@ import { join } from "node:path"
 import { SqlClient } from "@effect/sql"
 import { Database, EventWriter, ProjectionRunner } from "@gateway/event-store"
 import { Config, Effect, Layer } from "effect"
+import { Meter } from "./Meter.js"
 import * as Projections from "./projections/index.js"
 import { Readiness } from "./Readiness.js"
 import * as Recorder from "./Recorder.js"
@@ -19,6 +20,11 @@ const databaseReady = Layer.effectDiscard(
     const readiness = yield* Readiness
     const sql = yield* SqlClient.SqlClient
     const database = yield* Database.Database
+    const { table } = yield* Meter
+    // The prices in force, under the version the events will carry.
+    yield* sql`
+      INSERT INTO price_tables (version, prices) VALUES (${table.version}, ${JSON.stringify(table.prices)}::jsonb)
+      ON CONFLICT (version) DO NOTHING`
     yield* readiness.register(
       "database",
       sql`SELECT 1`.pipe(
@@ -32,7 +38,7 @@ const databaseReady = Layer.effectDiscard(
 
 /** Recording on the database named by the environment. */
 export const layer: Layer.Layer<
-  Recorder.Recorder | Readiness | ProjectionRunner.ProjectionRunner,
+  Recorder.Recorder | Readiness | Meter | ProjectionRunner.ProjectionRunner,
   unknown,
   Settings
 > = Layer.unwrapEffect(
@@ -50,11 +56,10 @@ export const layer: Layer.Layer<
     )
   ),
   Layer.provide(Database.layerStoreConfig),
-  Layer.provideMerge(Readiness.Default)
+  Layer.provideMerge(Readiness.Default),
+  Layer.provideMerge(Meter.Default)
 )
 
 /** No recording at all. */
-export const layerDisabled: Layer.Layer<Recorder.Recorder | Readiness> = Layer.merge(
-  Recorder.layerDisabled,
-  Readiness.Default
-)
+export const layerDisabled: Layer.Layer<Recorder.Recorder | Readiness | Meter, never, Settings> =
+  Layer.mergeAll(Recorder.layerDisabled, Readiness.Default, Meter.Default)

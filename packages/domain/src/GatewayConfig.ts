@@ -51,13 +51,30 @@ export class BackendConfig extends Schema.Class<BackendConfig>("BackendConfig")(
   weight: Schema.optionalWith(Schema.Number.pipe(Schema.positive()), { default: () => 1 })
 }) {}
 
+/** What a model costs, in USD per million tokens; the source of every request's cost. */
+export class ModelPricing extends Schema.Class<ModelPricing>("ModelPricing")({
+  inputPerMillionUsd: Schema.Number.pipe(
+    Schema.nonNegative(),
+    Schema.finite(),
+    Schema.propertySignature,
+    Schema.fromKey("input_per_million_usd")
+  ),
+  outputPerMillionUsd: Schema.Number.pipe(
+    Schema.nonNegative(),
+    Schema.finite(),
+    Schema.propertySignature,
+    Schema.fromKey("output_per_million_usd")
+  )
+}) {}
+
 export class ModelConfig extends Schema.Class<ModelConfig>("ModelConfig")({
   name: ModelName,
   /** The name the backends know the model by, when it differs from the public name. */
   upstreamModel: snake("upstream_model", Schema.NonEmptyTrimmedString),
   ownedBy: snakeWithDefault("owned_by", Schema.String, () => "gateway"),
   backends: Schema.NonEmptyArray(BackendConfig),
-  timeouts: Schema.optional(TimeoutsOverride)
+  timeouts: Schema.optional(TimeoutsOverride),
+  pricing: Schema.optional(ModelPricing)
 }) {}
 
 export class ServerConfig extends Schema.Class<ServerConfig>("ServerConfig")({

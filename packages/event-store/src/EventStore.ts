@@ -7,7 +7,19 @@
  * final and a cursor over it neither skips nor repeats an event.
  */
 import { SqlClient, type SqlError } from "@effect/sql"
-import { Chunk, Context, Duration, Effect, Layer, Option, PubSub, Schedule, Schema, Stream } from "effect"
+import {
+  Chunk,
+  Context,
+  Duration,
+  Effect,
+  Layer,
+  Option,
+  PubSub,
+  Ref,
+  Schedule,
+  Schema,
+  Stream
+} from "effect"
 
 /** An event to append; `eventId` makes a retried write idempotent. */
 export interface NewEvent {
@@ -98,6 +110,14 @@ export interface ReadOptions {
   readonly batchSize?: number | undefined
 }
 
+export interface ReadAllOptions extends ReadOptions {
+  /**
+   * How long to wait for events already committed but held back by an older transaction still
+   * open somewhere on the server (default 5 s); after that the read ends without them.
+   */
+  readonly settle?: Duration.DurationInput | undefined
+}
+
 export interface SubscribeOptions extends ReadOptions {
   /** How often to look for new events when no notification came (default 1 s). */
   readonly pollInterval?: Duration.DurationInput | undefined
@@ -121,7 +141,10 @@ export class EventStore extends Context.Tag("@gateway/event-store/EventStore")<
       fromVersion?: number
     ) => Effect.Effect<ReadonlyArray<RecordedEvent>, EventStoreError>
     /** The whole log after `from`, up to the events committed when it gets there; then it ends. */
-    readonly readAll: (from: Cursor, options?: ReadOptions) => Stream.Stream<RecordedEvent, EventStoreError>
+    readonly readAll: (
+      from: Cursor,
+      options?: ReadAllOptions
+    ) => Stream.Stream<RecordedEvent, EventStoreError>
     /** The whole log after `from`, then new events as they are committed; it never ends. */
     readonly subscribe: (
       from: Cursor,
@@ -355,17 +378,81 @@ export const make = (options: Options = {}) =>
         })
       )
 
-    const readAll = (from: Cursor, options: ReadOptions = {}) =>
-      pages(from, options.batchSize ?? 1000, Effect.succeed(false))
+    /** The last event committed now, whether or not older transactions are still open. */
+    const lastCommitted = sql
+      .unsafe<{ transaction_id: string; position: string }>(
+        `SELECT transaction_id::text AS transaction_id, position::text AS position FROM events
+         ORDER BY events.transaction_id DESC, events.position DESC LIMIT 1`
+      )
+      .pipe(
+        Effect.map((rows): Cursor | undefined =>
+          rows[0] === undefined
+            ? undefined
+            : { transactionId: rows[0].transaction_id, position: rows[0].position }
+        ),
+        Effect.mapError(failed("readAll"))
+      )
+
+    const before = (a: Cursor, b: Cursor) => {
+      const ta = BigInt(a.transactionId)
+      const tb = BigInt(b.transactionId)
+      return ta < tb || (ta === tb && BigInt(a.position) < BigInt(b.position))
+    }
+
+    // Up to the last event committed when the read starts: events held back by an older open
+    // transaction (anywhere on the server) are waited for, later ones are not read.
+    const readAll = (from: Cursor, options: ReadAllOptions = {}) =>
+      Stream.unwrap(
+        Effect.map(lastCommitted, (target) => {
+          if (target === undefined) return Stream.empty
+          const cursor = { current: from }
+          const deadline = Date.now() + Duration.toMillis(Duration.decode(options.settle ?? "5 seconds"))
+          const waitOrEnd = Effect.suspend(() =>
+            before(cursor.current, target) && Date.now() < deadline
+              ? Effect.as(Effect.sleep("10 millis"), true)
+              : Effect.succeed(false)
+          )
+          return pages(from, options.batchSize ?? 1000, waitOrEnd).pipe(
+            Stream.takeWhile((event) => !before(target, cursorOf(event))),
+            Stream.tap((event) =>
+              Effect.sync(() => {
+                cursor.current = cursorOf(event)
+              })
+            )
+          )
+        })
+      )
+
+    /** Committed events after `cursor` that a page cannot return yet: an older transaction is open. */
+    const heldBack = (cursor: Cursor) =>
+      sql
+        .unsafe<{ held: boolean }>(
+          `SELECT EXISTS (SELECT 1 FROM events WHERE (transaction_id, position) > ($1::xid8, $2::bigint)) AS held`,
+          [cursor.transactionId, cursor.position]
+        )
+        .pipe(
+          Effect.map((rows) => rows[0]?.held === true),
+          Effect.orElseSucceed(() => false)
+        )
 
     const subscribe = (from: Cursor, options: SubscribeOptions = {}) =>
       Stream.unwrapScoped(
         Effect.gen(function* () {
           const wakeUps = yield* PubSub.subscribe(appended)
           const poll = Duration.decode(options.pollInterval ?? "1 second")
-          // Caught up: wait for an append (here or, via notifications, elsewhere) or the poll.
-          const idle = wakeUps.take.pipe(Effect.timeout(poll), Effect.ignore, Effect.as(true))
-          return pages(from, options.batchSize ?? 1000, idle)
+          const cursor = yield* Ref.make(from)
+          // Caught up: wait for an append (here or, via notifications, elsewhere) or the poll —
+          // unless events are already there, held back by an older open transaction: then look
+          // again shortly, as that transaction will not announce itself.
+          const idle = Effect.flatMap(Ref.get(cursor), heldBack).pipe(
+            Effect.flatMap((held) =>
+              held ? Effect.sleep("10 millis") : wakeUps.take.pipe(Effect.timeout(poll), Effect.ignore)
+            ),
+            Effect.as(true)
+          )
+          return pages(from, options.batchSize ?? 1000, idle).pipe(
+            Stream.tap((event) => Ref.set(cursor, cursorOf(event)))
+          )
         })
       )
 

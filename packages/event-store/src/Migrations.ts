@@ -58,6 +58,16 @@ export const loader = PgMigrator.fromRecord({
         last_error text,
         updated_at timestamptz NOT NULL DEFAULT now()
       )`
+  }),
+  "0003_price_tables": Effect.gen(function* () {
+    const sql = yield* SqlClient.SqlClient
+    // Each version of the gateway's prices, by the hash recorded on the events it priced.
+    yield* sql`
+      CREATE TABLE price_tables (
+        version text PRIMARY KEY,
+        prices jsonb NOT NULL,
+        recorded_at timestamptz NOT NULL DEFAULT now()
+      )`
   })
 })
 

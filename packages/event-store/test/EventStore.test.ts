@@ -241,7 +241,7 @@ describe("EventStore on PostgreSQL with transactions in flight", () => {
           .pipe(Effect.fork)
         yield* inserted.await
         yield* store.append(fast, [event("Fast")], 0)
-        const whileOpen = yield* collect(store.readAll(from))
+        const whileOpen = yield* collect(store.readAll(from, { settle: "200 millis" }))
         expect(whileOpen.map((e) => e.type)).toEqual([])
         yield* release.open
         yield* Fiber.join(slowTx)

@@ -20,7 +20,8 @@ interface Row {
   httpStatus?: number | undefined
   promptTokens?: number | undefined
   completionTokens?: number | undefined
-  costMicroUsd?: number | undefined
+  /** The price table of the completion; cost is computed from it when the row is written. */
+  priceVersion?: string | undefined
   latencyMs?: number | undefined
   ttftMs?: number | null | undefined
   error?: string | undefined
@@ -41,7 +42,6 @@ const columns: ReadonlyArray<readonly [column: string, type: string, field: keyo
   ["http_status", "int", "httpStatus"],
   ["prompt_tokens", "int", "promptTokens"],
   ["completion_tokens", "int", "completionTokens"],
-  ["cost_micro_usd", "bigint", "costMicroUsd"],
   ["latency_ms", "double precision", "latencyMs"],
   ["ttft_ms", "double precision", "ttftMs"],
   ["error", "text", "error"],
@@ -68,7 +68,7 @@ export const projection: Projection.Projection<Map<string, Row>> = {
           http_status int,
           prompt_tokens int,
           completion_tokens int,
-          cost_micro_usd bigint,
+          cost_usd numeric(24, 9),
           latency_ms double precision,
           ttft_ms double precision,
           error text,
@@ -108,7 +108,7 @@ export const projection: Projection.Projection<Map<string, Row>> = {
           httpStatus: d.status,
           promptTokens: d.promptTokens,
           completionTokens: d.completionTokens,
-          costMicroUsd: d.cost?.amountMicroUsd ?? undefined,
+          priceVersion: d.cost?.priceVersion ?? undefined,
           latencyMs: d.latencyMs,
           ttftMs: d.ttftMs,
           finishedAt: m.occurredAt
@@ -152,10 +152,13 @@ export const projection: Projection.Projection<Map<string, Row>> = {
     const all = Array.from(rows.values())
     for (const row of all) row.outcome ??= "received"
     const names = columns.map(([c]) => c).join(", ")
-    const arrays = columns.map(([, type], i) => `$${i + 1}::${type}[]`).join(", ")
-    const updates = columns
-      .slice(1)
-      .map(([c]) =>
+    const arrays = [
+      ...columns.map(([, type], i) => `$${i + 1}::${type}[]`),
+      `$${columns.length + 1}::text[]`
+    ].join(", ")
+    const selected = columns.map(([c]) => `u.${c}`).join(", ")
+    const updates = [...columns.slice(1).map(([c]) => c), "cost_usd"]
+      .map((c) =>
         c === "last_position" || c === "outcome"
           ? `${c} = excluded.${c}`
           : `${c} = coalesce(excluded.${c}, t.${c})`
@@ -163,11 +166,18 @@ export const projection: Projection.Projection<Map<string, Row>> = {
       .join(",\n           ")
     return Effect.flatMap(SqlClient.SqlClient, (sql) =>
       sql.unsafe(
-        `INSERT INTO ${tables("request_log")} AS t (${names})
-         SELECT * FROM unnest(${arrays})
+        `INSERT INTO ${tables("request_log")} AS t (${names}, cost_usd)
+         SELECT ${selected},
+           (u.prompt_tokens * (p.prices -> u.model ->> 'inputPerMillionUsd')::numeric
+             + u.completion_tokens * (p.prices -> u.model ->> 'outputPerMillionUsd')::numeric) / 1000000
+         FROM unnest(${arrays}) AS u(${names}, price_version)
+         LEFT JOIN price_tables p ON p.version = u.price_version
          ON CONFLICT (request_id) DO UPDATE SET
            ${updates}`,
-        columns.map(([, , field]) => all.map((row) => row[field] ?? null))
+        [
+          ...columns.map(([, , field]) => all.map((row) => row[field] ?? null)),
+          all.map((row) => row.priceVersion ?? null)
+        ]
       )
     ).pipe(Effect.asVoid)
   }

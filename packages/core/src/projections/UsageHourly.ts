@@ -1,7 +1,8 @@
 /**
  * `usage_hourly`: requests, tokens and cost per tenant, key, model and hour — what billing reads.
- * Only completed requests count; cost comes from the price recorded on the event, so a re-price
- * is a replay.
+ * Only completed requests count. Cost is computed here, exactly (`numeric`), from the tokens and
+ * the price table whose version the event carries: correct a price table, replay, and the bill
+ * follows.
  */
 import { SqlClient } from "@effect/sql"
 import type { EventStore, Projection } from "@gateway/event-store"
@@ -16,7 +17,7 @@ interface Row {
   requests: number
   promptTokens: number
   completionTokens: number
-  costMicroUsd: number
+  priceVersion: string
 }
 
 export const projection: Projection.Projection<Map<string, Row>> = {
@@ -33,7 +34,7 @@ export const projection: Projection.Projection<Map<string, Row>> = {
           requests bigint NOT NULL,
           prompt_tokens bigint NOT NULL,
           completion_tokens bigint NOT NULL,
-          cost_micro_usd bigint NOT NULL,
+          cost_usd numeric(24, 9) NOT NULL,
           PRIMARY KEY (hour, tenant_id, key_id, model)
         )`)
     ),
@@ -45,7 +46,8 @@ export const projection: Projection.Projection<Map<string, Row>> = {
     const hour = hourOf(m.occurredAt)
     const tenantId = m.tenantId ?? ""
     const keyId = m.keyId ?? ""
-    const key = `${hour}\u0000${tenantId}\u0000${keyId}\u0000${d.model}`
+    const priceVersion: string = d.cost?.priceVersion ?? ""
+    const key = `${hour}\u0000${tenantId}\u0000${keyId}\u0000${d.model}\u0000${priceVersion}`
     const row = rows.get(key) ?? {
       hour,
       tenantId,
@@ -54,12 +56,11 @@ export const projection: Projection.Projection<Map<string, Row>> = {
       requests: 0,
       promptTokens: 0,
       completionTokens: 0,
-      costMicroUsd: 0
+      priceVersion
     }
     row.requests += 1
     row.promptTokens += d.promptTokens as number
     row.completionTokens += d.completionTokens as number
-    row.costMicroUsd += (d.cost?.amountMicroUsd as number | undefined) ?? 0
     rows.set(key, row)
     return rows
   },
@@ -69,13 +70,21 @@ export const projection: Projection.Projection<Map<string, Row>> = {
     return Effect.flatMap(SqlClient.SqlClient, (sql) =>
       sql.unsafe(
         `INSERT INTO ${tables("usage_hourly")} AS t
-           (hour, tenant_id, key_id, model, requests, prompt_tokens, completion_tokens, cost_micro_usd)
-         SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[], $7::bigint[], $8::bigint[])
+           (hour, tenant_id, key_id, model, requests, prompt_tokens, completion_tokens, cost_usd)
+         SELECT u.hour, u.tenant_id, u.key_id, u.model, sum(u.requests), sum(u.prompt_tokens),
+           sum(u.completion_tokens),
+           coalesce(sum((u.prompt_tokens * (p.prices -> u.model ->> 'inputPerMillionUsd')::numeric
+             + u.completion_tokens * (p.prices -> u.model ->> 'outputPerMillionUsd')::numeric) / 1000000), 0)
+         FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[],
+           $7::bigint[], $8::text[])
+           AS u(hour, tenant_id, key_id, model, requests, prompt_tokens, completion_tokens, price_version)
+         LEFT JOIN price_tables p ON p.version = u.price_version
+         GROUP BY u.hour, u.tenant_id, u.key_id, u.model
          ON CONFLICT (hour, tenant_id, key_id, model) DO UPDATE SET
            requests = t.requests + excluded.requests,
            prompt_tokens = t.prompt_tokens + excluded.prompt_tokens,
            completion_tokens = t.completion_tokens + excluded.completion_tokens,
-           cost_micro_usd = t.cost_micro_usd + excluded.cost_micro_usd`,
+           cost_usd = t.cost_usd + excluded.cost_usd`,
         [
           all.map((r) => r.hour),
           all.map((r) => r.tenantId),
@@ -84,7 +93,7 @@ export const projection: Projection.Projection<Map<string, Row>> = {
           all.map((r) => r.requests),
           all.map((r) => r.promptTokens),
           all.map((r) => r.completionTokens),
-          all.map((r) => r.costMicroUsd)
+          all.map((r) => r.priceVersion)
         ]
       )
     ).pipe(Effect.asVoid)
