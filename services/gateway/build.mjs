@@ -12,6 +12,8 @@ await build({
   sourcemap: true,
   legalComments: "none",
   logLevel: "warning",
+  // PGlite loads its WebAssembly and data files from beside its own module: not bundled.
+  external: ["@electric-sql/pglite", "@electric-sql/pglite-socket"],
   // Bundled CommonJS dependencies (undici, yaml) still call `require` for Node built-ins.
   banner: {
     js: "import { createRequire as __createRequire } from 'node:module'; const require = __createRequire(import.meta.url);"

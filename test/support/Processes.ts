@@ -293,14 +293,48 @@ export const startGateway = (config: unknown): Effect.Effect<Gateway, never, Sco
   Effect.gen(function* () {
     const configPath = yield* writeConfig(config)
     const port = yield* freePort
-    // Each gateway records into a database of its own on the machine's PostgreSQL.
+    // Each gateway records into a database and a spool directory of its own.
     const databaseUrl = yield* Database.freshPostgres(adminDatabaseUrl)
-    const child = yield* spawnNode(
-      "gateway",
-      "services/gateway/src/main.ts",
-      [],
-      gatewayEnv(configPath, port, databaseUrl)
-    )
+    const spoolDir = yield* tempDir
+    const child = yield* spawnNode("gateway", "services/gateway/src/main.ts", [], {
+      ...gatewayEnv(configPath, port, databaseUrl),
+      SPOOL_DIR: spoolDir
+    })
+    return yield* healthyGateway(child, port, databaseUrl)
+  })
+
+/** The PostgreSQL server the tests' databases live on (`TEST_DATABASE_URL`, the local one by default). */
+export const testDatabaseServer = adminDatabaseUrl
+
+/** A fresh database on the test server, dropped when the scope closes; returns its URL. */
+export const freshDatabase: Effect.Effect<string, never, Scope.Scope> =
+  Database.freshPostgres(adminDatabaseUrl)
+
+/**
+ * Starts the gateway with `config` on a database and spool directory the caller owns, so that a
+ * test can restart it on the same ones (after killing it) or point it at a proxy of the database.
+ * `databaseUrl` is what the gateway is given (the database itself, or a proxy in front of it).
+ */
+export const startGatewayOn = (
+  config: unknown,
+  options: {
+    readonly databaseUrl: string
+    readonly spoolDir: string
+  }
+): Effect.Effect<Gateway, never, Scope.Scope> =>
+  Effect.gen(function* () {
+    const configPath = yield* writeConfig(config)
+    const port = yield* freePort
+    const child = yield* spawnNode("gateway", "services/gateway/src/main.ts", [], {
+      ...gatewayEnv(configPath, port, options.databaseUrl),
+      SPOOL_DIR: options.spoolDir
+    })
+    return yield* healthyGateway(child, port, options.databaseUrl)
+  })
+
+/** Waits for the started gateway to answer `/health`, then describes it. */
+const healthyGateway = (child: Child, port: number, databaseUrl: string): Effect.Effect<Gateway> =>
+  Effect.gen(function* () {
     const url = `http://127.0.0.1:${port}`
     yield* waitHealthy(child, url)
     const logs = () => child.stdout.flatMap(parseLine)

@@ -8,6 +8,7 @@
  */
 import { SqlClient, type SqlError } from "@effect/sql"
 import {
+  Cause,
   Chunk,
   Context,
   Duration,
@@ -227,11 +228,16 @@ export const make = (options: Options = {}) =>
     const sql = yield* SqlClient.SqlClient
     const appended = yield* PubSub.sliding<void>(1)
     if (options.notifications !== undefined) {
+      // Followed for the store's lifetime: a dropped LISTEN connection is opened again.
       yield* options.notifications.pipe(
         Stream.runForEach(() => PubSub.publish(appended, undefined)),
         Effect.catchAllCause((cause) =>
-          Effect.logWarning("event notifications stopped; polling only", cause)
+          Cause.isInterruptedOnly(cause)
+            ? Effect.failCause(cause)
+            : Effect.logWarning("event notifications lost; polling until they are back", cause)
         ),
+        Effect.zipRight(Effect.sleep("2 seconds")),
+        Effect.forever,
         Effect.forkScoped
       )
     }

@@ -6,7 +6,7 @@
  * checks the checkpoint has not moved, so even two runners could not apply an event twice.
  */
 import { SqlClient, type SqlError } from "@effect/sql"
-import { Context, type Duration, Effect, Layer, Ref, Schedule, Stream } from "effect"
+import { Cause, Context, type Duration, Effect, Layer, Option, Ref, Schedule, Stream } from "effect"
 import { Database } from "./Database.js"
 import {
   type Cursor,
@@ -40,14 +40,11 @@ class CheckpointMoved {
   readonly _tag = "CheckpointMoved"
 }
 
-/** Restarts of a runner after a failure (the database went away, a projection's SQL failed). */
-const restart = Schedule.exponential("500 millis").pipe(
-  Schedule.union(Schedule.spaced("30 seconds")),
-  Schedule.jittered
-)
+/** Pause after a failed turn (the database went away, a projection's SQL failed). */
+const restartDelay = "1 second"
 
 /** How often a follower tries to take the lead, and a leader checks its lock connection. */
-const leadershipCheck = "5 seconds"
+const leadershipCheck = "2 seconds"
 
 const lockKey = (name: string) => `gateway.projection.${name}`
 
@@ -186,23 +183,26 @@ export const make = (projections: ReadonlyArray<Projection.Any>, options: Option
             })
           )
 
-    const run = (projection: Projection.Any) =>
+    /**
+     * One turn: lead (or find another replica leading) until something stops it. Every failure
+     * is caught, defects included — a connection that dies mid-transaction surfaces as one from
+     * the failed ROLLBACK — recorded on the checkpoint row, and followed by another turn.
+     */
+    const turn = (projection: Projection.Any) =>
       lead(projection).pipe(
-        Effect.catchAll((error) =>
-          error instanceof CheckpointMoved
-            ? Effect.void
-            : Effect.zipRight(
-                recordError(projection.name, "message" in error ? String(error.message) : String(error)),
-                Effect.fail(error)
-              )
-        ),
-        Effect.tapErrorCause((cause) =>
-          Effect.logWarning("projection stopped; restarting", { projection: projection.name }, cause)
-        ),
-        Effect.retry(restart),
-        Effect.zipRight(Effect.sleep(leadershipCheck)),
-        Effect.forever
+        Effect.catchAllCause((cause) => {
+          if (Cause.isInterruptedOnly(cause)) return Effect.failCause(cause)
+          const failure = Cause.failureOption(cause)
+          if (Option.isSome(failure) && failure.value instanceof CheckpointMoved) return Effect.void
+          return Effect.zipRight(
+            recordError(projection.name, Cause.pretty(cause).split("\n")[0] ?? "failed"),
+            Effect.logWarning("projection stopped; restarting", { projection: projection.name }, cause)
+          ).pipe(Effect.zipRight(Effect.sleep(restartDelay)))
+        })
       )
+
+    const run = (projection: Projection.Any) =>
+      turn(projection).pipe(Effect.zipRight(Effect.sleep(leadershipCheck)), Effect.forever)
 
     yield* Effect.forEach(projections, (p) => Effect.forkScoped(run(p)), { discard: true })
 
