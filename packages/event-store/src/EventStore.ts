@@ -418,13 +418,14 @@ export const make = (options: Options = {}) =>
               ? Effect.as(Effect.sleep("10 millis"), true)
               : Effect.succeed(false)
           )
+          // Per chunk, not per event: a page stays one chunk, which projections apply as one batch.
           return pages(from, options.batchSize ?? 1000, waitOrEnd).pipe(
             Stream.takeWhile((event) => !before(target, cursorOf(event))),
-            Stream.tap((event) =>
-              Effect.sync(() => {
-                cursor.current = cursorOf(event)
-              })
-            )
+            Stream.mapChunks((chunk) => {
+              const last = Chunk.last(chunk)
+              if (last._tag === "Some") cursor.current = cursorOf(last.value)
+              return chunk
+            })
           )
         })
       )
@@ -457,7 +458,12 @@ export const make = (options: Options = {}) =>
             Effect.as(true)
           )
           return pages(from, options.batchSize ?? 1000, idle).pipe(
-            Stream.tap((event) => Ref.set(cursor, cursorOf(event)))
+            Stream.mapChunksEffect((chunk) => {
+              const last = Chunk.last(chunk)
+              return last._tag === "Some"
+                ? Effect.as(Ref.set(cursor, cursorOf(last.value)), chunk)
+                : Effect.succeed(chunk)
+            })
           )
         })
       )

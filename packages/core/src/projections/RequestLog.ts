@@ -64,7 +64,7 @@ export const projection: Projection.Projection<Map<string, Row>> = {
           model text,
           backend text,
           stream boolean,
-          outcome text NOT NULL,
+          outcome text,
           http_status int,
           prompt_tokens int,
           completion_tokens int,
@@ -150,7 +150,6 @@ export const projection: Projection.Projection<Map<string, Row>> = {
   apply: (rows, tables) => {
     if (rows.size === 0) return Effect.void
     const all = Array.from(rows.values())
-    for (const row of all) row.outcome ??= "received"
     const names = columns.map(([c]) => c).join(", ")
     const arrays = [
       ...columns.map(([, type], i) => `$${i + 1}::${type}[]`),
@@ -159,9 +158,12 @@ export const projection: Projection.Projection<Map<string, Row>> = {
     const selected = columns.map(([c]) => `u.${c}`).join(", ")
     const updates = [...columns.slice(1).map(([c]) => c), "cost_usd"]
       .map((c) =>
-        c === "last_position" || c === "outcome"
+        // Whatever the batch boundaries: the first arrival time stands, later facts win.
+        c === "last_position"
           ? `${c} = excluded.${c}`
-          : `${c} = coalesce(excluded.${c}, t.${c})`
+          : c === "received_at"
+            ? `${c} = coalesce(t.${c}, excluded.${c})`
+            : `${c} = coalesce(excluded.${c}, t.${c})`
       )
       .join(",\n           ")
     return Effect.flatMap(SqlClient.SqlClient, (sql) =>

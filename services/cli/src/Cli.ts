@@ -1,0 +1,134 @@
+/**
+ * The operator's command tree: `replay`, `events show|tail`, `projections status`. Commands that
+ * touch the database get it from the layer given to `make`, built only when such a command runs
+ * (so `--help` needs no database).
+ */
+import { Args, Command, HelpDoc, Options, ValidationError } from "@effect/cli"
+import type { SqlClient } from "@effect/sql"
+import { Projections } from "@gateway/core"
+import type { EventStore } from "@gateway/event-store"
+import { Console, Effect, Either, type Layer, Option } from "effect"
+import * as LogCursor from "./LogCursor.js"
+import * as LogTail from "./LogTail.js"
+import * as ProjectionStatus from "./ProjectionStatus.js"
+import * as Replay from "./Replay.js"
+import * as RequestLifecycle from "./RequestLifecycle.js"
+
+const printLines = (lines: ReadonlyArray<string>) => Console.log(lines.join("\n"))
+
+const from = (description: string) =>
+  Options.text("from").pipe(
+    Options.withDescription(description),
+    Options.mapEffect((text) =>
+      Either.match(LogCursor.parse(text), {
+        onLeft: (message) => Effect.fail(ValidationError.invalidValue(HelpDoc.p(message))),
+        onRight: Effect.succeed
+      })
+    ),
+    Options.optional
+  )
+
+const replay = Command.make(
+  "replay",
+  {
+    projection: Args.choice(
+      Projections.all.map((p) => [p.name, p] as [string, (typeof Projections.all)[number]]),
+      { name: "projection" }
+    ).pipe(Args.withDescription("The projection to rebuild from the event log.")),
+    from: from(
+      "Start at this global position, or at the first event recorded at/after this ISO 8601 time, " +
+        "instead of the beginning. The rebuilt tables then hold only the events from there on."
+    ),
+    verify: Options.boolean("verify").pipe(
+      Options.withDescription(
+        "Compare the rebuilt tables with the live ones, report, and roll back: nothing is swapped. " +
+          "Exit code 1 when they differ."
+      )
+    ),
+    batchSize: Options.integer("batch-size").pipe(
+      Options.withDefault(1000),
+      Options.mapEffect((n) =>
+        n > 0 ? Effect.succeed(n) : Effect.fail(ValidationError.invalidValue(HelpDoc.p("must be positive")))
+      ),
+      Options.withDescription("Events applied per transaction.")
+    )
+  },
+  (args) =>
+    Effect.gen(function* () {
+      const outcome = yield* Replay.replay(args)
+      yield* printLines(Replay.report(outcome))
+      if (args.verify && !Replay.identical(outcome)) {
+        return yield* Effect.fail(new Replay.DifferencesFound({ projection: outcome.projection }))
+      }
+    })
+).pipe(
+  Command.withDescription(
+    "Rebuild a projection from the log into fresh tables, compare them with the live ones row by row, " +
+      "and swap them in (or, with --verify, only report)."
+  )
+)
+
+const show = Command.make(
+  "show",
+  {
+    id: Args.text({ name: "request-id" }).pipe(
+      Args.withDescription("The gateway's request id, or the client's x-request-id.")
+    )
+  },
+  ({ id }) => Effect.flatMap(RequestLifecycle.show(id), printLines)
+).pipe(Command.withDescription("Show one request's lifecycle: every event of its stream, in order."))
+
+const tail = Command.make(
+  "tail",
+  { from: from("Start at this global position or ISO 8601 time instead of now.") },
+  ({ from }) => LogTail.follow(from)
+).pipe(Command.withDescription("Follow the event log live, one line per event, until Ctrl-C."))
+
+const status = Command.make("status", {}, () =>
+  Effect.flatMap(ProjectionStatus.read(Projections.all.map((p) => p.name)), (statuses) =>
+    printLines(ProjectionStatus.render(statuses))
+  )
+).pipe(Command.withDescription("Each projection's checkpoint, events applied, lag and last error."))
+
+/** What the database commands need; the composition root decides where it comes from. */
+export type DatabaseServices = SqlClient.SqlClient | EventStore.EventStore
+
+export interface Databases<E1, E2> {
+  /** For commands that read and end. */
+  readonly store: Layer.Layer<DatabaseServices, E1>
+  /** For `events tail`: a store that also hears other processes' appends (LISTEN) as they happen. */
+  readonly following: Layer.Layer<DatabaseServices, E2>
+}
+
+export const make = <E1, E2>(databases: Databases<E1, E2>) => {
+  const withStore = <Name extends string, R, E, A>(command: Command.Command<Name, R, E, A>) =>
+    Command.provide(command, databases.store)
+  return Command.make("gateway").pipe(
+    Command.withDescription("Operator tools for the LLM gateway's event log and projections."),
+    Command.withSubcommands([
+      withStore(replay),
+      Command.make("events").pipe(
+        Command.withDescription("Read the event log."),
+        Command.withSubcommands([withStore(show), Command.provide(tail, databases.following)])
+      ),
+      Command.make("projections").pipe(
+        Command.withDescription("Inspect the projections."),
+        Command.withSubcommands([withStore(status)])
+      )
+    ])
+  )
+}
+
+/** Runs the CLI on `argv` (`process.argv`: node, script, arguments). */
+export const run = <E1, E2>(databases: Databases<E1, E2>) =>
+  Command.run(make(databases), { name: "gateway", version: "0.1.0" })
+
+/**
+ * What to print on stderr for a failure, if anything: argument errors and differences found
+ * by `--verify` were already reported.
+ */
+export const describeFailure = (error: unknown): Option.Option<string> => {
+  if (ValidationError.isValidationError(error)) return Option.none()
+  if (error instanceof Replay.DifferencesFound) return Option.none()
+  return Option.some(`error: ${error instanceof Error ? error.message : String(error)}`)
+}
