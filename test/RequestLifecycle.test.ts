@@ -9,7 +9,11 @@ import { createHash } from "node:crypto"
 import { SqlClient } from "@effect/sql"
 import { PgClient } from "@effect/sql-pg"
 import { expect, layer } from "@effect/vitest"
+import * as Progress from "@gateway/cli/Progress"
+import * as Replay from "@gateway/cli/Replay"
+import { Projections } from "@gateway/core"
 import { Events } from "@gateway/domain"
+import { EventStore } from "@gateway/event-store"
 import { Context, Effect, Fiber, Layer, Option, Redacted } from "effect"
 import { contentChunks, messages, postChat, readSse } from "./support/Http.js"
 import * as Processes from "./support/Processes.js"
@@ -36,7 +40,13 @@ class Stack extends Context.Tag("test/RequestLifecycle/Stack")<
           Processes.startSim({ port: simPort, model: "small", ttftMs: 5, itlMs: 1, outputTokens, seed: 1 }),
           Processes.startGateway({
             server: { host: "127.0.0.1", max_body_bytes: maxBodyBytes },
-            models: [{ name: "small", backends: [{ id: "small-1", url: simUrl }] }]
+            models: [
+              {
+                name: "small",
+                pricing: { input_per_million_usd: 0.15, output_per_million_usd: 0.6 },
+                backends: [{ id: "small-1", url: simUrl }]
+              }
+            ]
           })
         ],
         { concurrency: "unbounded" }
@@ -698,6 +708,43 @@ layer(Stack.layer, { excludeTestServices: true })("the lifecycle of a request in
         return row.stream_version !== previous + 1
       })
       expect(early.map((row) => `${row.stream_id} v${row.stream_version} at ${row.position}`)).toEqual([])
+    })
+  )
+
+  it.effect("replaying each projection from the start of the log gives exactly the live tables", () =>
+    Effect.gen(function* () {
+      const { gateway } = yield* Stack
+      // A little more traffic of every kind on top of what the other tests sent.
+      yield* Effect.forEach(
+        [false, true, false],
+        (stream) => postChat(gateway.url, { model: "small", messages, stream }),
+        {
+          concurrency: 3,
+          discard: true
+        }
+      )
+      const database = Layer.provideMerge(
+        EventStore.layer(),
+        PgClient.layer({ url: Redacted.make(gateway.databaseUrl), maxConnections: 2 })
+      )
+      const quiet = Layer.succeed(Progress.Progress, { update: () => Effect.void, log: () => Effect.void })
+      for (const projection of Projections.all) {
+        const outcome = yield* Replay.replay({
+          projection,
+          from: Option.none(),
+          verify: true,
+          batchSize: 7
+        }).pipe(Effect.provide(Layer.merge(database, quiet)))
+        expect(outcome.eventsApplied).toBeGreaterThan(0)
+        expect(outcome.diffs.filter((d) => !Replay.identical({ ...outcome, diffs: [d] }))).toEqual([])
+      }
+      // And the bill is priced: tokens times the recorded price table, exactly.
+      const { sql } = yield* Stack
+      const [usage] = yield* sql<{ prompt: string; completion: string; cost: string }>`
+        SELECT sum(prompt_tokens)::text AS prompt, sum(completion_tokens)::text AS completion,
+               sum(cost_usd)::text AS cost FROM usage_hourly`
+      const expected = (Number(usage!.prompt) * 0.15 + Number(usage!.completion) * 0.6) / 1e6
+      expect(Number(usage!.cost)).toBeCloseTo(expected, 9)
     })
   )
 })
