@@ -119,6 +119,8 @@ export class ChatCompletions extends Effect.Service<ChatCompletions>()("@gateway
     ): Effect.Effect<HttpServerResponse.HttpServerResponse, Errors.GatewayError> => {
       const recording = recorder.start(info.requestId, info.clientRequestId)
       return Effect.gen(function* () {
+        // Serve nothing that could not be put on the books.
+        if (!(yield* recorder.accepting)) return yield* unrecorded()
         const raw = yield* RequestBody.read(request, maxBodyBytes)
         const body = yield* Either.flatMap(parseJson(raw), validate)
         const stream = body.stream === true

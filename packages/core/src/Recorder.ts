@@ -26,7 +26,11 @@ export interface Recording {
 
 export class Recorder extends Context.Tag("@gateway/core/Recorder")<
   Recorder,
-  { readonly start: (requestId: Ids.RequestId, correlationId?: string) => Recording }
+  {
+    readonly start: (requestId: Ids.RequestId, correlationId?: string) => Recording
+    /** `false` while nothing can be recorded (database away, spool unwritable): refuse requests. */
+    readonly accepting: Effect.Effect<boolean>
+  }
 >() {}
 
 const payloadOf =
@@ -80,7 +84,7 @@ export const make = (options: { readonly payloads: PayloadMode }) =>
       }
     }
 
-    return Recorder.of({ start })
+    return Recorder.of({ start, accepting: Effect.map(writer.status, (s) => !s.refusing) })
   })
 
 export const layer = (options: {
@@ -91,6 +95,11 @@ export const layer = (options: {
 export const layerDisabled: Layer.Layer<Recorder> = Layer.succeed(
   Recorder,
   Recorder.of({
-    start: () => ({ record: () => Effect.void, finish: () => Effect.void, payload: () => ({ kind: "none" }) })
+    start: () => ({
+      record: () => Effect.void,
+      finish: () => Effect.void,
+      payload: () => ({ kind: "none" })
+    }),
+    accepting: Effect.succeed(true)
   })
 )

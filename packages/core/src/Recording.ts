@@ -36,28 +36,45 @@ const databaseReady = Layer.effectDiscard(
   })
 )
 
+/** Not ready while nothing can be recorded: the database is away and the spool unwritable. */
+const eventLogReady = Layer.effectDiscard(
+  Effect.gen(function* () {
+    const readiness = yield* Readiness
+    const recorder = yield* Recorder.Recorder
+    yield* readiness.register(
+      "event_log",
+      Effect.flatMap(recorder.accepting, (ok) =>
+        ok ? Effect.void : Effect.fail("cannot record requests: database and spool unavailable")
+      )
+    )
+  })
+)
+
 /** Recording on the database named by the environment. */
 export const layer: Layer.Layer<
   Recorder.Recorder | Readiness | Meter | ProjectionRunner.ProjectionRunner,
   unknown,
   Settings
-> = Layer.unwrapEffect(
-  Effect.map(Settings, (config) => Recorder.layer({ payloads: config.events.storePayloads }))
-).pipe(
-  Layer.provideMerge(databaseReady),
-  Layer.provideMerge(ProjectionRunner.layer(Projections.all)),
-  Layer.provide(
-    Layer.unwrapEffect(
-      Effect.gen(function* () {
-        const dataDir = yield* Config.string("DATA_DIR").pipe(Config.withDefault("./.data"))
-        const spoolDir = yield* Config.string("SPOOL_DIR").pipe(Config.withDefault(join(dataDir, "spool")))
-        return EventWriter.layer({ spoolDir })
-      })
-    )
-  ),
-  Layer.provide(Database.layerStoreConfig),
-  Layer.provideMerge(Readiness.Default),
-  Layer.provideMerge(Meter.Default)
+> = Layer.provideMerge(
+  eventLogReady,
+  Layer.unwrapEffect(
+    Effect.map(Settings, (config) => Recorder.layer({ payloads: config.events.storePayloads }))
+  ).pipe(
+    Layer.provideMerge(databaseReady),
+    Layer.provideMerge(ProjectionRunner.layer(Projections.all)),
+    Layer.provide(
+      Layer.unwrapEffect(
+        Effect.gen(function* () {
+          const dataDir = yield* Config.string("DATA_DIR").pipe(Config.withDefault("./.data"))
+          const spoolDir = yield* Config.string("SPOOL_DIR").pipe(Config.withDefault(join(dataDir, "spool")))
+          return EventWriter.layer({ spoolDir })
+        })
+      )
+    ),
+    Layer.provide(Database.layerStoreConfig),
+    Layer.provideMerge(Readiness.Default),
+    Layer.provideMerge(Meter.Default)
+  )
 )
 
 /** No recording at all. */

@@ -27,6 +27,11 @@ export interface Options {
 export interface Status {
   /** Bytes of events waiting in the spool (0 when the database is taking writes). */
   readonly spoolBytes: number
+  /**
+   * Nothing can be made durable: the database is away and the spool cannot be written either.
+   * Until a write goes through again, the gateway should take no new requests.
+   */
+  readonly refusing: boolean
 }
 
 export class EventWriter extends Context.Tag("@gateway/event-store/EventWriter")<
@@ -67,6 +72,7 @@ export const make = (options: Options = {}) =>
     const maxBatch = options.maxBatch ?? 1_000
     const spool = options.spoolDir === undefined ? undefined : yield* Spool.make(options.spoolDir)
     const spoolBytes = yield* Ref.make(spool?.bytes() ?? 0)
+    const refusing = yield* Ref.make(false)
 
     const settle = (
       batch: ReadonlyArray<Pending>,
@@ -82,8 +88,13 @@ export const make = (options: Options = {}) =>
         : settle(
             batch,
             spool.append(batch.map((p) => p.write)).pipe(
-              Effect.tap(() => Ref.set(spoolBytes, spool.bytes())),
-              Effect.tapError((e) => Effect.logError("event spool failed; writes are refused", e.message))
+              Effect.tap(() => Effect.zipRight(Ref.set(spoolBytes, spool.bytes()), Ref.set(refusing, false))),
+              Effect.tapError((e) =>
+                Effect.zipRight(
+                  Ref.set(refusing, true),
+                  Effect.logError("event spool failed; writes are refused", e.message)
+                )
+              )
             )
           )
 
@@ -91,7 +102,7 @@ export const make = (options: Options = {}) =>
       store.appendBatch(batch.map((p) => p.write)).pipe(
         Effect.retry({ schedule: batchRetry, while: (e) => e.reason === "Unavailable" }),
         Effect.matchEffect({
-          onSuccess: () => settle(batch, Effect.void),
+          onSuccess: () => Effect.zipRight(Ref.set(refusing, false), settle(batch, Effect.void)),
           onFailure: (error) => {
             if (error.reason === "Unavailable" && spool !== undefined) {
               return Effect.zipRight(
@@ -157,7 +168,10 @@ export const make = (options: Options = {}) =>
     return EventWriter.of({
       write,
       writeAndWait: (w) => Effect.flatten(write(w)),
-      status: Effect.map(Ref.get(spoolBytes), (bytes) => ({ spoolBytes: bytes }))
+      status: Effect.zipWith(Ref.get(spoolBytes), Ref.get(refusing), (bytes, refused) => ({
+        spoolBytes: bytes,
+        refusing: refused
+      }))
     })
   })
 

@@ -1,4 +1,4 @@
-import { mkdtempSync, readdirSync } from "node:fs"
+import { mkdtempSync, readdirSync, rmSync, writeFileSync } from "node:fs"
 import { tmpdir } from "node:os"
 import { join } from "node:path"
 import { expect, layer } from "@effect/vitest"
@@ -119,6 +119,39 @@ layer(Layer.provideMerge(Database.eventStore, TestDatabases.postgres), {
         })
       )
       expect((yield* store.readStream(streamId)).map((e) => e.type)).toEqual(["Spooled1", "Spooled2", "New"])
+    })
+  )
+})
+
+layer(Layer.provideMerge(Outage.Default, Layer.provideMerge(Database.eventStore, TestDatabases.embedded)), {
+  excludeTestServices: true,
+  timeout: 60_000
+})("EventWriter with neither the database nor the spool", (it) => {
+  it.effect("fails the writes and says it is refusing, until the database takes writes again", () =>
+    Effect.gen(function* () {
+      const { down } = yield* Outage
+      const dir = mkdtempSync(join(tmpdir(), "gateway-spool-"))
+      yield* Effect.scoped(
+        Effect.gen(function* () {
+          const writer = yield* EventWriter.make({ spoolDir: dir, drainInterval: "20 millis" }).pipe(
+            Effect.provide(Flaky)
+          )
+          // The spool's directory turns into a file: no segment can be opened any more.
+          rmSync(dir, { recursive: true, force: true })
+          writeFileSync(dir, "not a directory")
+          yield* Ref.set(down, true)
+          const streamId = `request-${crypto.randomUUID()}`
+          const failed = yield* Effect.either(
+            writer.writeAndWait({ streamId, firstVersion: 1, events: [event("Lost")] })
+          )
+          expect(failed._tag).toBe("Left")
+          expect((yield* writer.status).refusing).toBe(true)
+          yield* Ref.set(down, false)
+          yield* writer.writeAndWait({ streamId, firstVersion: 1, events: [event("Kept")] })
+          expect((yield* writer.status).refusing).toBe(false)
+        })
+      )
+      rmSync(dir, { force: true })
     })
   )
 })
