@@ -156,7 +156,8 @@ export class EventStore extends Context.Tag("@gateway/event-store/EventStore")<
   }
 >() {}
 
-interface Row {
+/** An `events` row as selected with `columns`. */
+export interface Row {
   readonly position: string
   readonly transaction_id: string
   readonly event_id: string
@@ -168,7 +169,8 @@ interface Row {
   readonly recorded_at: Date
 }
 
-const toRecorded = (row: Row): RecordedEvent => ({
+/** A selected row as a `RecordedEvent`. */
+export const toRecorded = (row: Row): RecordedEvent => ({
   position: row.position,
   transactionId: row.transaction_id,
   eventId: row.event_id,
@@ -180,7 +182,8 @@ const toRecorded = (row: Row): RecordedEvent => ({
   recordedAt: row.recorded_at
 })
 
-const columns = `position::text AS position, transaction_id::text AS transaction_id, event_id::text AS event_id,
+/** The select list giving a `Row`, for other readers of the events table (e.g. replays). */
+export const columns = `position::text AS position, transaction_id::text AS transaction_id, event_id::text AS event_id,
   stream_id, stream_version, type, data, metadata, recorded_at`
 
 const failed =

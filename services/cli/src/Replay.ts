@@ -114,19 +114,8 @@ const applyAll = <E, R>(
 const eventsBetween = (after: EventStore.Cursor, upTo: EventStore.Cursor, pageSize: number) =>
   Stream.paginateChunkEffect(after, (cursor) =>
     Effect.flatMap(SqlClient.SqlClient, (sql) =>
-      sql.unsafe<{
-        position: string
-        transaction_id: string
-        event_id: string
-        stream_id: string
-        stream_version: number
-        type: string
-        data: unknown
-        metadata: unknown
-        recorded_at: Date
-      }>(
-        `SELECT position::text AS position, transaction_id::text AS transaction_id, event_id::text AS event_id,
-           stream_id, stream_version, type, data, metadata, recorded_at
+      sql.unsafe<EventStore.Row>(
+        `SELECT ${EventStore.columns}
          FROM events
          WHERE (transaction_id, position) > ($1::xid8, $2::bigint)
            AND (transaction_id, position) <= ($3::xid8, $4::bigint)
@@ -136,19 +125,7 @@ const eventsBetween = (after: EventStore.Cursor, upTo: EventStore.Cursor, pageSi
       )
     ).pipe(
       Effect.map((rows) => {
-        const events = rows.map(
-          (row): EventStore.RecordedEvent => ({
-            position: row.position,
-            transactionId: row.transaction_id,
-            eventId: row.event_id,
-            streamId: row.stream_id,
-            streamVersion: row.stream_version,
-            type: row.type,
-            data: row.data,
-            metadata: row.metadata,
-            recordedAt: row.recorded_at
-          })
-        )
+        const events = rows.map(EventStore.toRecorded)
         const last = events[events.length - 1]
         return [
           Chunk.unsafeFromArray(events),
