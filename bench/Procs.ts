@@ -177,6 +177,12 @@ export interface GatewayOptions {
   readonly cpu: number | undefined
   /** Extra flags of node for the gateway process (e.g. `--trace-gc`). */
   readonly nodeArgs?: ReadonlyArray<string>
+  /** Extra environment of the gateway (e.g. `DATABASE_URL`, `GATEWAY_RECORDING`). */
+  readonly env?: Readonly<Record<string, string>>
+  /** Build the bundle first (default true); false when it was just built for another gateway. */
+  readonly build?: boolean
+  /** The bundle to run (default `services/gateway/dist/main.mjs`), e.g. a copy taken earlier. */
+  readonly script?: string
 }
 
 /**
@@ -184,12 +190,15 @@ export interface GatewayOptions {
  * TypeScript loader), starts it and resolves once `GET /health` answers 200.
  */
 export const startGateway = async (options: GatewayOptions): Promise<{ proc: Proc; url: string }> => {
-  execFileSync(process.execPath, ["services/gateway/build.mjs"], { cwd: options.cwd, stdio: "inherit" })
+  if (options.build !== false) {
+    execFileSync(process.execPath, ["services/gateway/build.mjs"], { cwd: options.cwd, stdio: "inherit" })
+  }
   const { proc } = spawnNode({
     name: "gateway",
     cwd: options.cwd,
-    script: "services/gateway/dist/main.mjs",
+    script: options.script ?? "services/gateway/dist/main.mjs",
     env: {
+      ...options.env,
       GATEWAY_CONFIG: options.configPath,
       PORT: String(options.port),
       HOST: "127.0.0.1",

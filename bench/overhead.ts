@@ -763,7 +763,9 @@ const main = async (): Promise<void> => {
     logLevel: config.logLevel,
     stdout: config.gatewayLog,
     cpu: gatewayCpu,
-    nodeArgs: config.gatewayNodeArgs
+    nodeArgs: config.gatewayNodeArgs,
+    // The proxy's own overhead: recording is measured by `pnpm bench:events`, on real PostgreSQL.
+    env: { GATEWAY_RECORDING: "off" }
   })
   children.push(gateway.proc)
   const env: Env = { sim: sim.proc, simUrl: sim.url, gateway: gateway.proc, gatewayUrl: gateway.url }
