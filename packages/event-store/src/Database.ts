@@ -63,7 +63,7 @@ export const layerEmbedded = (dataDir: string | undefined) =>
           if (dataDir !== undefined) mkdirSync(dataDir, { recursive: true })
           return PGlite.create(dataDir === undefined ? {} : { dataDir })
         }),
-        (db) => Effect.promise(() => db.close())
+        (db) => Effect.promise(() => db.close()).pipe(Effect.timeout("5 seconds"), Effect.ignore)
       )
       const socketDir = yield* Effect.acquireRelease(
         Effect.sync(() => mkdtempSync(join(tmpdir(), "gateway-pglite-"))),
@@ -76,7 +76,8 @@ export const layerEmbedded = (dataDir: string | undefined) =>
           await server.start()
           return server
         }),
-        (server) => Effect.promise(() => server.stop())
+        // It waits for its clients to hang up; the pool's connection may outlive it at shutdown.
+        (server) => Effect.promise(() => server.stop()).pipe(Effect.timeout("2 seconds"), Effect.ignore)
       )
       return Layer.merge(
         migrated(
