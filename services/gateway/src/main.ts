@@ -33,6 +33,21 @@ const reason = (error: unknown): string => {
   return error instanceof Error ? error.message : String(error)
 }
 
+/**
+ * A graceful shutdown (in-flight answers, queued events, the embedded database) gets this long;
+ * then the process exits anyway, as an orchestrator would kill it. Events not yet durable by then
+ * are the only loss, and the writer's own flush is bounded well below it.
+ */
+const shutdownGraceMs = 15_000
+for (const signal of ["SIGTERM", "SIGINT"] as const) {
+  process.once(signal, () => {
+    setTimeout(() => {
+      process.stderr.write(`gateway: shutdown took over ${shutdownGraceMs / 1000} s; exiting\n`)
+      process.exit(1)
+    }, shutdownGraceMs).unref()
+  })
+}
+
 NodeRuntime.runMain(
   program.pipe(
     Effect.tapError((error) => Effect.logError(`gateway failed to start: ${reason(error)}`)),
