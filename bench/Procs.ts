@@ -306,3 +306,9 @@ export const watchPeakRss = (pid: number, intervalMs = 50): { stop(): number | u
     }
   }
 }
+
+/** CPU time used by this process so far, in ms. */
+export const selfCpuMs = (): number => {
+  const usage = process.cpuUsage()
+  return (usage.user + usage.system) / 1000
+}

@@ -36,6 +36,7 @@ import { PgClient } from "@effect/sql-pg"
 import { Projections } from "@gateway/core"
 import { Database, EventStore, EventWriter } from "@gateway/event-store"
 import { Context, Effect, Exit, Fiber, Layer, Redacted, Stream } from "effect"
+import * as Flags from "./Flags.js"
 import * as LoadGen from "./LoadGen.js"
 import * as Procs from "./Procs.js"
 import * as Report from "./Report.js"
@@ -126,12 +127,7 @@ const fail = (message: string): never => {
   process.stderr.write(`bench:events: ${message}\n\n${usage}\n`)
   return process.exit(2)
 }
-const num = (name: string, raw: string, min: number): number => {
-  const n = Number(raw)
-  return !Number.isFinite(n) || n < min ? fail(`--${name} must be a number >= ${min}, got '${raw}'`) : n
-}
-const int = (name: string, raw: string, min: number): number => Math.floor(num(name, raw, min))
-const list = (name: string, raw: string): ReadonlyArray<number> => raw.split(",").map((s) => int(name, s, 1))
+const { num, int, list } = Flags.parsers("bench:events", usage)
 
 const recVariants = (raw: string): ReadonlyArray<"off" | "on" | "writer"> => {
   const vs = raw
@@ -199,11 +195,6 @@ const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms))
 
 const cpuCount = availableParallelism()
 const pinned = !flags["no-pin"] && cpuCount >= 2 && Procs.hasTaskset()
-
-const selfCpuMs = (): number => {
-  const u = process.cpuUsage()
-  return (u.user + u.system) / 1000
-}
 
 /** CPU time of a process in ms; 0 once it is gone. */
 const pidCpuMs = (pid: number): number => {
@@ -286,7 +277,7 @@ const sampleCpu = async (pids: ReadonlyArray<number>): Promise<CpuSample> => {
   const pg = await ourPostgresPids()
   return {
     at: performance.now(),
-    self: selfCpuMs(),
+    self: Procs.selfCpuMs(),
     pids: new Map(pids.map((p) => [p, pidCpuMs(p)])),
     pg: new Map([...pg.backends, ...pg.background].map((p) => [p, pidCpuMs(p)])),
     sys: Procs.systemCpu()
@@ -296,7 +287,7 @@ const sampleCpu = async (pids: ReadonlyArray<number>): Promise<CpuSample> => {
 const cpuSince = async (s0: CpuSample): Promise<CpuUse> => {
   const pg = await ourPostgresPids()
   const sys = Procs.systemCpu()
-  const self = selfCpuMs()
+  const self = Procs.selfCpuMs()
   const pidMs = [...s0.pids].map(([pid, t0]) => pidCpuMs(pid) - t0)
   // Backends that connected meanwhile count from 0; those that ended meanwhile are lost.
   const used = (pids: ReadonlyArray<number>) =>

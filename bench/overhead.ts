@@ -17,6 +17,7 @@ import { availableParallelism, cpus, loadavg, tmpdir } from "node:os"
 import { dirname, join, relative } from "node:path"
 import { fileURLToPath } from "node:url"
 import { parseArgs } from "node:util"
+import * as Flags from "./Flags.js"
 import * as LoadGen from "./LoadGen.js"
 import * as Procs from "./Procs.js"
 import * as Report from "./Report.js"
@@ -84,16 +85,7 @@ if (flags.help) {
   process.exit(0)
 }
 
-const num = (name: string, raw: string, min: number): number => {
-  const n = Number(raw)
-  if (!Number.isFinite(n) || n < min) {
-    process.stderr.write(`bench: --${name} must be a number >= ${min}, got '${raw}'\n\n${usage}\n`)
-    process.exit(2)
-  }
-  return n
-}
-const int = (name: string, raw: string, min: number): number => Math.floor(num(name, raw, min))
-const list = (name: string, raw: string): ReadonlyArray<number> => raw.split(",").map((s) => int(name, s, 1))
+const { num, int, list } = Flags.parsers("bench", usage)
 
 const config = {
   rounds: int("rounds", flags.rounds, 1),
@@ -199,11 +191,6 @@ const requestBody = (stream: boolean): string =>
     stream
   })
 
-const selfCpuMs = (): number => {
-  const usage = process.cpuUsage()
-  return (usage.user + usage.system) / 1000
-}
-
 /** One measured run: unmeasured warm-up on the same connections, then the bounded load. */
 const measure = async (
   env: Env,
@@ -231,9 +218,9 @@ const measure = async (
     const sys0 = Procs.systemCpu()
     const gw0 = Procs.cpuTimeMs(env.gateway.pid)
     const sim0 = Procs.cpuTimeMs(env.sim.pid)
-    const self0 = selfCpuMs()
+    const self0 = Procs.selfCpuMs()
     const result = await LoadGen.run(agent, spec)
-    const self1 = selfCpuMs()
+    const self1 = Procs.selfCpuMs()
     const sim1 = Procs.cpuTimeMs(env.sim.pid)
     const gw1 = Procs.cpuTimeMs(env.gateway.pid)
     const sys1 = Procs.systemCpu()
@@ -288,7 +275,7 @@ let waitedMs = 0
 
 /** CPU used by everything but this process and `pids` over `sampleMs`, in % of one core. */
 const otherCpuPct = async (sampleMs: number, pids: ReadonlyArray<number>): Promise<number> => {
-  const ours = () => selfCpuMs() + pids.reduce((t, pid) => t + Procs.cpuTimeMs(pid), 0)
+  const ours = () => Procs.selfCpuMs() + pids.reduce((t, pid) => t + Procs.cpuTimeMs(pid), 0)
   const sys0 = Procs.systemCpu()
   const ours0 = ours()
   const t0 = performance.now()
