@@ -80,9 +80,31 @@ const renderBackend = (error: Errors.BackendError): Rendered => {
   }
 }
 
+/** `retry-after` in whole seconds (as HTTP has it) and `retry-after-ms` (as OpenAI's SDKs read it). */
+const retryAfter = (ms: number) => ({
+  "retry-after": String(Math.max(1, Math.ceil(ms / 1000))),
+  "retry-after-ms": String(Math.max(1, Math.ceil(ms)))
+})
+
 /** Status and OpenAI error body for any gateway error. */
 export const render = (error: Errors.GatewayError): Rendered => {
   switch (error._tag) {
+    case "Unauthorized":
+      return { status: 401, body: body(error.message, "invalid_request_error", "invalid_api_key") }
+    case "Forbidden":
+      return { status: 403, body: body(error.message, "permission_error", error.code) }
+    case "RateLimited":
+      return {
+        status: 429,
+        body: body(error.message, error.limit === "tokens" ? "tokens" : "requests", "rate_limit_exceeded"),
+        headers: retryAfter(error.retryAfterMs)
+      }
+    case "QuotaExceeded":
+      return {
+        status: 429,
+        body: body(error.message, "insufficient_quota", "insufficient_quota"),
+        headers: retryAfter(error.retryAfterMs)
+      }
     case "InvalidRequest":
       return { status: 400, body: body(error.message, "invalid_request_error", error.code, error.param) }
     case "PayloadTooLarge":
@@ -115,7 +137,8 @@ export const internal: Rendered = {
 export const toResponse = (rendered: Rendered): HttpServerResponse.HttpServerResponse =>
   HttpServerResponse.text(JSON.stringify(rendered.body), {
     status: rendered.status,
-    contentType: "application/json"
+    contentType: "application/json",
+    ...(rendered.headers === undefined ? {} : { headers: rendered.headers })
   })
 
 /** One SSE event carrying an error, sent when a stream breaks after its first byte. */

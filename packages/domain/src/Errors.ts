@@ -78,7 +78,59 @@ export class ServiceUnavailable extends Schema.TaggedError<ServiceUnavailable>()
   message: Schema.String
 }) {}
 
+/** No API key, or one that does not exist or was revoked (401 `invalid_api_key`). */
+export class Unauthorized extends Schema.TaggedError<Unauthorized>()("Unauthorized", {
+  message: Schema.String
+}) {}
+
+/** The key is valid but may not do this: call that model, or use an admin route (403). */
+export class Forbidden extends Schema.TaggedError<Forbidden>()("Forbidden", {
+  message: Schema.String,
+  code: Schema.String
+}) {}
+
+/** Which limit refused a request. */
+export const LimitKind = Schema.Literal("requests", "tokens", "concurrent")
+export type LimitKind = typeof LimitKind.Type
+
+/** A rate limit is reached (429 `rate_limit_exceeded`); `retryAfterMs` is when to try again. */
+export class RateLimited extends Schema.TaggedError<RateLimited>()("RateLimited", {
+  limit: LimitKind,
+  /** Whose limit: the key's or its tenant's. */
+  scope: Schema.Literal("key", "tenant"),
+  capacity: Schema.Number,
+  requested: Schema.Number,
+  retryAfterMs: Schema.Number
+}) {
+  override get message() {
+    const what =
+      this.limit === "requests"
+        ? "requests per minute (RPM)"
+        : this.limit === "tokens"
+          ? "tokens per minute (TPM)"
+          : "concurrent requests"
+    const wait = Math.max(1, Math.ceil(this.retryAfterMs / 1000))
+    return `Rate limit reached for this ${this.scope === "key" ? "API key" : "organization"} on ${what}: limit ${this.capacity}, requested ${this.requested}. Please try again in ${wait}s.`
+  }
+}
+
+/** The spend budget of the period is used up (429 `insufficient_quota`). */
+export class QuotaExceeded extends Schema.TaggedError<QuotaExceeded>()("QuotaExceeded", {
+  scope: Schema.Literal("key", "tenant"),
+  budgetMicroUsd: Schema.Number,
+  period: Schema.String,
+  retryAfterMs: Schema.Number
+}) {
+  override get message() {
+    return `You exceeded the ${this.period}ly budget of this ${this.scope === "key" ? "API key" : "organization"} (${(this.budgetMicroUsd / 1e6).toFixed(2)} USD). It resets at the start of the next ${this.period} (UTC).`
+  }
+}
+
 export type GatewayError =
+  | Unauthorized
+  | Forbidden
+  | RateLimited
+  | QuotaExceeded
   | InvalidRequest
   | PayloadTooLarge
   | ModelNotFound

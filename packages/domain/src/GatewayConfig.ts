@@ -4,6 +4,7 @@
  */
 import { Schema } from "effect"
 import { BackendId, ModelName } from "./Ids.js"
+import { LimitsInput } from "./Tenancy.js"
 
 const PositiveInt = Schema.Int.pipe(Schema.greaterThanOrEqualTo(1))
 
@@ -98,6 +99,34 @@ export class EventsConfig extends Schema.Class<EventsConfig>("EventsConfig")({
   )
 }) {}
 
+/** How the rate limiter behaves; the buckets live in Redis when `REDIS_URL` is set. */
+export class LimitsConfig extends Schema.Class<LimitsConfig>("LimitsConfig")({
+  /** Completion tokens reserved for a request that sets no `max_tokens`. */
+  defaultMaxTokens: snakeWithDefault("default_max_tokens", PositiveInt, () => 4096),
+  /**
+   * When Redis cannot be reached: `fail_open` serves, each replica guarding with a local bucket
+   * of the same limits; `fail_closed` answers 503.
+   */
+  redisFailure: snakeWithDefault(
+    "redis_failure",
+    Schema.Literal("fail_open", "fail_closed"),
+    () => "fail_open" as const
+  ),
+  /** How long an admission may wait for Redis before the failure policy applies. */
+  redisTimeoutMs: snakeWithDefault("redis_timeout_ms", PositiveInt, () => 250),
+  /** Limits of keys created without any, and of tenants created implicitly. */
+  keyDefaults: snake("key_defaults", LimitsInput)
+}) {}
+
+/** How usage is measured. */
+export class MeteringConfig extends Schema.Class<MeteringConfig>("MeteringConfig")({
+  /**
+   * After a streaming client disconnects, how long to keep reading the backend's answer to learn
+   * the real usage (else it is estimated).
+   */
+  drainAfterDisconnectMs: snakeWithDefault("drain_after_disconnect_ms", Schema.NonNegativeInt, () => 5_000)
+}) {}
+
 const uniqueNames = (models: ReadonlyArray<ModelConfig>) => {
   const seen = new Set<string>()
   for (const [i, model] of models.entries()) {
@@ -122,6 +151,8 @@ export class GatewayConfig extends Schema.Class<GatewayConfig>("GatewayConfig")(
   server: Schema.optionalWith(ServerConfig, { default: () => ServerConfig.make({}) }),
   timeouts: Schema.optionalWith(Timeouts, { default: () => Timeouts.make({}) }),
   events: Schema.optionalWith(EventsConfig, { default: () => EventsConfig.make({}) }),
+  limits: Schema.optionalWith(LimitsConfig, { default: () => LimitsConfig.make({}) }),
+  metering: Schema.optionalWith(MeteringConfig, { default: () => MeteringConfig.make({}) }),
   models: Schema.NonEmptyArray(ModelConfig).pipe(Schema.filter(uniqueNames))
 }) {
   /** The timeouts that apply to one model: its overrides over the global ones. */
