@@ -89,6 +89,10 @@ const retryAfter = (ms: number) => ({
 /** Status and OpenAI error body for any gateway error. */
 export const render = (error: Errors.GatewayError): Rendered => {
   switch (error._tag) {
+    case "NotFound":
+      return { status: 404, body: body(error.message, "invalid_request_error", "not_found") }
+    case "Conflict":
+      return { status: 409, body: body(error.message, "invalid_request_error", "conflict") }
     case "Unauthorized":
       return { status: 401, body: body(error.message, "invalid_request_error", "invalid_api_key") }
     case "Forbidden":

@@ -126,7 +126,24 @@ export class QuotaExceeded extends Schema.TaggedError<QuotaExceeded>()("QuotaExc
   }
 }
 
+/** An admin operation names a tenant or key that does not exist (404). */
+export class NotFound extends Schema.TaggedError<NotFound>()("NotFound", {
+  what: Schema.Literal("tenant", "key"),
+  id: Schema.String
+}) {
+  override get message() {
+    return `No ${this.what} with id '${this.id}'.`
+  }
+}
+
+/** An admin operation would create something that exists already (409). */
+export class Conflict extends Schema.TaggedError<Conflict>()("Conflict", {
+  message: Schema.String
+}) {}
+
 export type GatewayError =
+  | NotFound
+  | Conflict
   | Unauthorized
   | Forbidden
   | RateLimited

@@ -21,6 +21,7 @@ import {
   Schema,
   Stream
 } from "effect"
+import { tenancyFilter } from "./Migrations.js"
 
 /** An event to append; `eventId` makes a retried write idempotent. */
 export interface NewEvent {
@@ -109,6 +110,11 @@ export interface AppendResult {
 export interface ReadOptions {
   /** Rows fetched per round trip (default 1000). */
   readonly batchSize?: number | undefined
+  /**
+   * Only the tenancy streams (`key-*`, `tenant-*`), read through their own index: what the key
+   * registry follows without reading every request's events.
+   */
+  readonly tenancyOnly?: boolean | undefined
 }
 
 export interface ReadAllOptions extends ReadOptions {
@@ -358,12 +364,12 @@ export const make = (options: Options = {}) =>
         )
 
     /** One page of the whole log after `cursor`, below the oldest transaction still running. */
-    const page = (cursor: Cursor, limit: number) =>
+    const page = (cursor: Cursor, limit: number, filter: string) =>
       sql
         .unsafe<Row>(
           `SELECT ${columns} FROM events
            WHERE (transaction_id, position) > ($1::xid8, $2::bigint)
-             AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+             AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())${filter}
            ORDER BY events.transaction_id, events.position
            LIMIT $3`,
           [cursor.transactionId, cursor.position, limit]
@@ -373,9 +379,11 @@ export const make = (options: Options = {}) =>
           Effect.mapError(failed("readAll"))
         )
 
-    const pages = (from: Cursor, limit: number, onEmpty: Effect.Effect<boolean>) =>
+    const filterOf = (options: ReadOptions) => (options.tenancyOnly === true ? ` AND ${tenancyFilter}` : "")
+
+    const pages = (from: Cursor, limit: number, filter: string, onEmpty: Effect.Effect<boolean>) =>
       Stream.paginateChunkEffect(from, (cursor) =>
-        Effect.flatMap(page(cursor, limit), (rows) => {
+        Effect.flatMap(page(cursor, limit, filter), (rows) => {
           const last = rows[rows.length - 1]
           if (last !== undefined) {
             return Effect.succeed([Chunk.unsafeFromArray(rows), Option.some(cursorOf(last))] as const)
@@ -388,19 +396,21 @@ export const make = (options: Options = {}) =>
       )
 
     /** The last event committed now, whether or not older transactions are still open. */
-    const lastCommitted = sql
-      .unsafe<{ transaction_id: string; position: string }>(
-        `SELECT transaction_id::text AS transaction_id, position::text AS position FROM events
+    const lastCommitted = (filter: string) =>
+      sql
+        .unsafe<{ transaction_id: string; position: string }>(
+          `SELECT transaction_id::text AS transaction_id, position::text AS position FROM events
+         WHERE true${filter}
          ORDER BY events.transaction_id DESC, events.position DESC LIMIT 1`
-      )
-      .pipe(
-        Effect.map((rows): Cursor | undefined =>
-          rows[0] === undefined
-            ? undefined
-            : { transactionId: rows[0].transaction_id, position: rows[0].position }
-        ),
-        Effect.mapError(failed("readAll"))
-      )
+        )
+        .pipe(
+          Effect.map((rows): Cursor | undefined =>
+            rows[0] === undefined
+              ? undefined
+              : { transactionId: rows[0].transaction_id, position: rows[0].position }
+          ),
+          Effect.mapError(failed("readAll"))
+        )
 
     const before = (a: Cursor, b: Cursor) => {
       const ta = BigInt(a.transactionId)
@@ -412,7 +422,7 @@ export const make = (options: Options = {}) =>
     // transaction (anywhere on the server) are waited for, later ones are not read.
     const readAll = (from: Cursor, options: ReadAllOptions = {}) =>
       Stream.unwrap(
-        Effect.map(lastCommitted, (target) => {
+        Effect.map(lastCommitted(filterOf(options)), (target) => {
           if (target === undefined) return Stream.empty
           const cursor = { current: from }
           const deadline = Date.now() + Duration.toMillis(Duration.decode(options.settle ?? "5 seconds"))
@@ -422,7 +432,7 @@ export const make = (options: Options = {}) =>
               : Effect.succeed(false)
           )
           // Per chunk, not per event: a page stays one chunk, which projections apply as one batch.
-          return pages(from, options.batchSize ?? 1000, waitOrEnd).pipe(
+          return pages(from, options.batchSize ?? 1000, filterOf(options), waitOrEnd).pipe(
             Stream.takeWhile((event) => !before(target, cursorOf(event))),
             Stream.mapChunks((chunk) => {
               const last = Chunk.last(chunk)
@@ -434,10 +444,10 @@ export const make = (options: Options = {}) =>
       )
 
     /** Committed events after `cursor` that a page cannot return yet: an older transaction is open. */
-    const heldBack = (cursor: Cursor) =>
+    const heldBack = (cursor: Cursor, filter: string) =>
       sql
         .unsafe<{ held: boolean }>(
-          `SELECT EXISTS (SELECT 1 FROM events WHERE (transaction_id, position) > ($1::xid8, $2::bigint)) AS held`,
+          `SELECT EXISTS (SELECT 1 FROM events WHERE (transaction_id, position) > ($1::xid8, $2::bigint)${filter}) AS held`,
           [cursor.transactionId, cursor.position]
         )
         .pipe(
@@ -454,13 +464,14 @@ export const make = (options: Options = {}) =>
           // Caught up: wait for an append (here or, via notifications, elsewhere) or the poll —
           // unless events are already there, held back by an older open transaction: then look
           // again shortly, as that transaction will not announce itself.
-          const idle = Effect.flatMap(Ref.get(cursor), heldBack).pipe(
+          const filter = filterOf(options)
+          const idle = Effect.flatMap(Ref.get(cursor), (at) => heldBack(at, filter)).pipe(
             Effect.flatMap((held) =>
               held ? Effect.sleep("10 millis") : wakeUps.take.pipe(Effect.timeout(poll), Effect.ignore)
             ),
             Effect.as(true)
           )
-          return pages(from, options.batchSize ?? 1000, idle).pipe(
+          return pages(from, options.batchSize ?? 1000, filter, idle).pipe(
             Stream.mapChunksEffect((chunk) => {
               const last = Chunk.last(chunk)
               return last._tag === "Some"

@@ -68,8 +68,19 @@ export const loader = PgMigrator.fromRecord({
         prices jsonb NOT NULL,
         recorded_at timestamptz NOT NULL DEFAULT now()
       )`
+  }),
+  "0004_tenancy_index": Effect.gen(function* () {
+    const sql = yield* SqlClient.SqlClient
+    // Every replica follows the tenancy streams (keys, tenants) among millions of request events:
+    // a small partial index makes that read cheap. Its predicate is `tenancyFilter`, verbatim.
+    yield* sql.unsafe(
+      `CREATE INDEX events_tenancy ON events (transaction_id, position) WHERE ${tenancyFilter}`
+    )
   })
 })
+
+/** Selects the tenancy streams; a read with exactly this predicate uses the partial index. */
+export const tenancyFilter = "(stream_id LIKE 'key-%' OR stream_id LIKE 'tenant-%')"
 
 /** Brings the schema up to date; safe to run from several replicas at once. */
 export const run = PgMigrator.run({ loader, table: "gateway_migrations" })
