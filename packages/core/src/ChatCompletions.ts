@@ -4,16 +4,19 @@
  */
 import { type HttpServerRequest, HttpServerResponse } from "@effect/platform"
 import { Errors, Events, OpenAi } from "@gateway/domain"
-import { Effect, Either, ParseResult, Runtime } from "effect"
+import { Effect, Either, Exit, ParseResult, Runtime } from "effect"
+import { Auth } from "./Auth.js"
 import type { RequestInfo } from "./CurrentRequest.js"
 import * as ErrorResponse from "./ErrorResponse.js"
 import { Meter } from "./Meter.js"
 import { Models } from "./Models.js"
+import { type Admission, RateLimiter } from "./RateLimiter.js"
 import { Recorder } from "./Recorder.js"
 import * as RequestBody from "./RequestBody.js"
 import { Settings } from "./Settings.js"
 import * as SseRelay from "./SseRelay.js"
-import { SseScanner } from "./SseScanner.js"
+import { SseScanner, UsageFilter } from "./SseScanner.js"
+import * as Tokenizer from "./Tokenizer.js"
 import { Upstream } from "./Upstream.js"
 
 const decoder = new TextDecoder()
@@ -71,6 +74,12 @@ const rejection = (error: Errors.GatewayError): Events.RejectionReason | undefin
       return "model_not_found"
     case "ServiceUnavailable":
       return "unavailable"
+    case "Forbidden":
+      return "forbidden"
+    case "RateLimited":
+      return "rate_limited"
+    case "QuotaExceeded":
+      return "quota_exceeded"
     default:
       return undefined
   }
@@ -83,19 +92,44 @@ const summarize = (body: Uint8Array) => {
       usage?: OpenAi.Usage | null
       choices?: ReadonlyArray<{ finish_reason?: string | null; message?: { content?: string | null } }>
     }
-    const choice = parsed.choices?.[0]
+    const choices = parsed.choices ?? []
     return {
       usage: parsed.usage ?? undefined,
-      finishReason: choice?.finish_reason ?? null,
-      contentChars: choice?.message?.content?.length ?? 0
+      finishReason: choices[0]?.finish_reason ?? null,
+      text: () => choices.map((c) => c.message?.content ?? "").join("")
     }
   } catch {
-    return { usage: undefined, finishReason: null, contentChars: 0 }
+    return { usage: undefined, finishReason: null, text: () => "" }
   }
 }
 
-/** A rough token count (about four bytes a token) until a real tokenizer is wired in. */
-const estimateTokens = (bytes: number) => Math.ceil(bytes / 4)
+const usageMarker = ',"stream_options":{"include_usage":true}'
+const encoder = new TextEncoder()
+
+/**
+ * The body to send upstream: a stream always asks for usage (`stream_options.include_usage`),
+ * which is what billing reads; `strip` says the client did not ask for it and must not get it.
+ * When the client sent no `stream_options`, the option is spliced into its bytes (no re-encode).
+ */
+const withUsageRequested = (raw: Uint8Array, body: OpenAi.ChatCompletionRequest) => {
+  if (body.stream !== true || body.stream_options?.include_usage === true) return { raw, body, strip: false }
+  const upstreamBody = { ...body, stream_options: { ...body.stream_options, include_usage: true } }
+  if (body.stream_options === undefined) {
+    let end = raw.length - 1
+    while (end > 0 && raw[end] !== 125 /* } */) end--
+    if (end > 0) {
+      const marker = encoder.encode(usageMarker)
+      const spliced = new Uint8Array(raw.length + marker.length)
+      spliced.set(raw.subarray(0, end), 0)
+      spliced.set(marker, end)
+      spliced.set(raw.subarray(end), end + marker.length)
+      return { raw: spliced, body: upstreamBody, strip: true }
+    }
+  }
+  return { raw: encoder.encode(JSON.stringify(upstreamBody)), body: upstreamBody, strip: true }
+}
+
+const nothingUsed = { tokens: 0, costMicroUsd: 0 }
 
 const elapsed = (since: number) => Math.round((performance.now() - since) * 100) / 100
 
@@ -111,13 +145,36 @@ export class ChatCompletions extends Effect.Service<ChatCompletions>()("@gateway
     const upstream = yield* Upstream
     const recorder = yield* Recorder
     const meter = yield* Meter
-    const { maxBodyBytes } = (yield* Settings).server
+    const auth = yield* Auth
+    const limiter = yield* RateLimiter
+    const settings = yield* Settings
+    const { maxBodyBytes } = settings.server
+    const { defaultMaxTokens } = settings.limits
+    const { drainAfterDisconnectMs } = settings.metering
 
     const handle = (
       request: HttpServerRequest.HttpServerRequest,
       info: RequestInfo
     ): Effect.Effect<HttpServerResponse.HttpServerResponse, Errors.GatewayError> => {
-      const recording = recorder.start(info.requestId, info.clientRequestId)
+      // Unauthenticated calls are turned away before anything is read or recorded.
+      const caller = auth.authenticate(request.headers)
+      if (Either.isLeft(caller)) {
+        info.error = caller.left.message
+        return Effect.fail(caller.left)
+      }
+      const principal = caller.right
+      if (principal !== undefined) {
+        info.keyId = principal.keyId
+        info.keyName = principal.keyName
+        info.tenantId = principal.tenantId
+      }
+      const recording = recorder.start(info.requestId, {
+        correlationId: info.clientRequestId,
+        keyId: principal?.keyId,
+        tenantId: principal?.tenantId
+      })
+      /** The request's hold on its limits; settled on every way out (only the first settle counts). */
+      let admission: Admission | undefined
       return Effect.gen(function* () {
         // Serve nothing that could not be put on the books.
         if (!(yield* recorder.accepting)) return yield* unrecorded()
@@ -126,10 +183,40 @@ export class ChatCompletions extends Effect.Service<ChatCompletions>()("@gateway
         const stream = body.stream === true
         info.model = body.model
         info.stream = stream
+        yield* auth.authorizeModel(principal, body.model)
         const target = yield* models.resolve(body.model)
         const backend = target.backend.id
         const model = target.model.name
         info.backend = backend
+
+        // Reserve the worst case: the prompt as the tokenizer counts it, and every token the
+        // answer may have. Counted only for callers with token or spend limits.
+        let promptEstimate: number | undefined
+        const promptTokens = () => (promptEstimate ??= Tokenizer.countPrompt(body))
+        const estimate = limiter.needsEstimate(principal)
+          ? (() => {
+              const prompt = promptTokens()
+              const completion = Tokenizer.maxCompletion(body, defaultMaxTokens)
+              return {
+                tokens: prompt + completion,
+                costMicroUsd: meter.cost(model, prompt, completion)?.amountMicroUsd ?? 0
+              }
+            })()
+          : nothingUsed
+        admission = yield* limiter.admit(
+          principal,
+          estimate,
+          target.timeouts.totalMs + drainAfterDisconnectMs + 30_000
+        )
+        const held = admission
+        const limitHeaders = held.headers
+        /** Settles the reservation to what the answer used. */
+        const settle = (
+          promptTokens: number,
+          completionTokens: number,
+          cost: { amountMicroUsd: number } | null
+        ) => held.settle({ tokens: promptTokens + completionTokens, costMicroUsd: cost?.amountMicroUsd ?? 0 })
+
         yield* recording.record(
           new Events.RequestReceived(
             {
@@ -170,14 +257,23 @@ export class ChatCompletions extends Effect.Service<ChatCompletions>()("@gateway
             )
           ] as const
         }
+        const cancelledAt = (tokensDelivered: number, afterFirstByte: boolean) => ({
+          tokensDelivered,
+          latencyMs: elapsed(info.startedAt),
+          afterFirstByte
+        })
         const cancelled = (tokensDelivered: number, afterFirstByte: boolean) =>
-          new Events.RequestCancelled(
-            { tokensDelivered, latencyMs: elapsed(info.startedAt), afterFirstByte },
-            true
-          )
+          new Events.RequestCancelled(cancelledAt(tokensDelivered, afterFirstByte), true)
 
+        const outgoing = withUsageRequested(raw, body)
         const answer = yield* upstream
-          .chat({ requestId: info.requestId, clientRequestId: info.clientRequestId, target, body, raw })
+          .chat({
+            requestId: info.requestId,
+            clientRequestId: info.clientRequestId,
+            target,
+            body: outgoing.body,
+            raw: outgoing.raw
+          })
           .pipe(
             Effect.tapError((error) =>
               recording
@@ -191,18 +287,20 @@ export class ChatCompletions extends Effect.Service<ChatCompletions>()("@gateway
 
         if (answer._tag === "Complete") {
           const summary = summarize(answer.body)
-          const promptTokens = summary.usage?.prompt_tokens ?? estimateTokens(raw.length)
-          const completionTokens = summary.usage?.completion_tokens ?? estimateTokens(summary.contentChars)
+          const prompt = summary.usage?.prompt_tokens ?? promptTokens()
+          const completion = summary.usage?.completion_tokens ?? Tokenizer.countText(summary.text())
+          const cost = meter.cost(model, prompt, completion)
+          settle(prompt, completion, cost)
           yield* recording
             .finish(
               new Events.RequestCompleted(
                 {
                   model,
                   backend,
-                  promptTokens,
-                  completionTokens,
+                  promptTokens: prompt,
+                  completionTokens: completion,
                   usageSource: summary.usage === undefined ? "estimated" : "backend",
-                  cost: meter.cost(model, promptTokens, completionTokens),
+                  cost,
                   latencyMs: elapsed(info.startedAt),
                   ttftMs: null,
                   finishReason: summary.finishReason,
@@ -217,21 +315,25 @@ export class ChatCompletions extends Effect.Service<ChatCompletions>()("@gateway
           return HttpServerResponse.uint8Array(answer.body, {
             status: answer.status,
             contentType: "application/json",
-            headers: { "x-gateway-backend": backend }
+            headers: { ...limitHeaders, "x-gateway-backend": backend }
           })
         }
 
         const scanner = new SseScanner()
-        /** Tokens of the streamed answer and their cost, once it is complete. */
-        const usageOf = (scanned: SseScanner, requestBytes: number) => {
-          const promptTokens = scanned.usage?.prompt_tokens ?? estimateTokens(requestBytes)
-          const completionTokens = scanned.usage?.completion_tokens ?? scanned.contentChunks
-          return { promptTokens, completionTokens, cost: meter.cost(model, promptTokens, completionTokens) }
+        /** Tokens of the streamed answer and their cost (settled at once), once it is over. */
+        const usageOf = (scanned: SseScanner) => {
+          const prompt = scanned.usage?.prompt_tokens ?? promptTokens()
+          const completion = scanned.usage?.completion_tokens ?? Tokenizer.countText(scanned.completionText())
+          const cost = meter.cost(model, prompt, completion)
+          settle(prompt, completion, cost)
+          return { promptTokens: prompt, completionTokens: completion, cost }
         }
         const runtime = yield* Effect.runtime<never>()
         const run = Runtime.runPromise(runtime)
         const relayed = SseRelay.relay(answer.body, {
           onChunk: (chunk) => scanner.push(chunk),
+          drainMs: drainAfterDisconnectMs,
+          ...(outgoing.strip ? { filter: new UsageFilter() } : {}),
           // The answer is complete: it goes on the books before the client gets [DONE].
           beforeEnd: () =>
             run(
@@ -241,7 +343,7 @@ export class ChatCompletions extends Effect.Service<ChatCompletions>()("@gateway
                     {
                       model,
                       backend,
-                      ...usageOf(scanner, raw.length),
+                      ...usageOf(scanner),
                       usageSource: scanner.usage === undefined ? "estimated" : "backend",
                       latencyMs: elapsed(info.startedAt),
                       ttftMs:
@@ -269,20 +371,42 @@ export class ChatCompletions extends Effect.Service<ChatCompletions>()("@gateway
             // before the client's stream ends, as any terminal event is.
             const error = answer.failure(cause)
             info.error = error.message
+            // What was generated before the break is not billed: the client got no answer.
+            held.settle(nothingUsed)
             const event = ErrorResponse.toSseEvent(ErrorResponse.render(error))
             return run(recording.finish(...failed(error, true)).pipe(Effect.ignore, Effect.as(event)))
           },
           onClientGone: (midAnswer) => {
             info.clientClosed = true
-            if (midAnswer)
-              void run(recording.record(cancelled(scanner.contentChunks, scanner.contentChunks > 0)))
+            if (!midAnswer) return
+            // Gone mid-answer: billed for what the backend generated (it was drained for its usage).
+            const usage = usageOf(scanner)
+            void run(
+              recording.record(
+                new Events.RequestCancelled(
+                  {
+                    ...cancelledAt(scanner.contentChunks, scanner.contentChunks > 0),
+                    model,
+                    backend,
+                    ...usage,
+                    usageSource: scanner.usage === undefined ? "estimated" : "backend"
+                  },
+                  true
+                )
+              )
+            )
           }
         })
         return HttpServerResponse.raw(relayed, {
           contentType: "text/event-stream",
-          headers: { ...sseHeaders, "x-gateway-backend": backend }
+          headers: { ...sseHeaders, ...limitHeaders, "x-gateway-backend": backend }
         })
       }).pipe(
+        // Failed or cut off before an answer: nothing was used, the reservation goes back.
+        Effect.onExit((exit) => {
+          if (Exit.isFailure(exit)) admission?.settle(nothingUsed)
+          return Effect.void
+        }),
         Effect.tapError((error) => {
           const reason = rejection(error)
           if (reason === undefined) return Effect.void

@@ -12,6 +12,10 @@ export interface RequestInfo {
   readonly clientRequestId: string | undefined
   /** `performance.now()` when the request arrived. */
   readonly startedAt: number
+  /** The caller's key (its id and name, never the secret) and tenant, once authenticated. */
+  keyId?: string
+  keyName?: string
+  tenantId?: string
   model?: string
   backend?: string
   stream?: boolean

@@ -6,7 +6,9 @@
 import { HttpServer, HttpServerRequest, HttpServerResponse } from "@effect/platform"
 import { NodeHttpServerRequest } from "@effect/platform-node"
 import { Errors, Ids } from "@gateway/domain"
-import { Cause, Effect, Exit, Layer } from "effect"
+import { Cause, Effect, Either, Exit, Layer } from "effect"
+import { AdminApi } from "./AdminApi.js"
+import { Auth } from "./Auth.js"
 import { ChatCompletions } from "./ChatCompletions.js"
 import { CurrentRequest, type RequestInfo } from "./CurrentRequest.js"
 import * as ErrorResponse from "./ErrorResponse.js"
@@ -24,9 +26,22 @@ const pathOf = (url: string) => {
 /** The routes, as one app needing the current request's info. */
 export const make = Effect.gen(function* () {
   const chat = yield* ChatCompletions
+  const admin = yield* AdminApi
   const models = yield* Models
   const readiness = yield* Readiness
+  const auth = yield* Auth
   const modelList = json(models.list)
+
+  /** The authenticated caller of an API route, noted for the access log. */
+  const caller = (request: HttpServerRequest.HttpServerRequest, info: RequestInfo) => {
+    const result = auth.authenticate(request.headers)
+    if (Either.isRight(result) && result.right !== undefined) {
+      info.keyId = result.right.keyId
+      info.keyName = result.right.keyName
+      info.tenantId = result.right.tenantId
+    }
+    return result
+  }
   const healthy = json({ status: "ok" })
 
   const route = (
@@ -41,7 +56,16 @@ export const make = Effect.gen(function* () {
         break
       case "/v1/models":
       case "/models":
-        if (request.method === "GET") return Effect.succeed(modelList)
+        if (request.method === "GET") {
+          return Effect.map(caller(request, info), (principal) =>
+            principal === undefined || principal.key.models === null
+              ? modelList
+              : json({
+                  ...models.list,
+                  data: models.list.data.filter((m) => principal.key.models!.has(m.id))
+                })
+          )
+        }
         break
       case "/health":
         if (request.method === "GET") return Effect.succeed(healthy)
@@ -57,12 +81,24 @@ export const make = Effect.gen(function* () {
         }
         break
     }
+    if (path.startsWith("/admin/")) {
+      const q = request.url.indexOf("?")
+      return admin.handle(request, info, path, q === -1 ? "" : request.url.slice(q + 1))
+    }
     if (path.startsWith("/v1/models/") && request.method === "GET") {
-      const id = decodeURIComponent(path.slice("/v1/models/".length))
-      const model = models.list.data.find((m) => m.id === id)
-      return model === undefined
-        ? Effect.fail(new Errors.ModelNotFound({ model: id }))
-        : Effect.succeed(json(model))
+      return Effect.flatMap(caller(request, info), (principal) => {
+        const id = decodeURIComponent(path.slice("/v1/models/".length))
+        const model = models.list.data.find((m) => m.id === id)
+        return model === undefined || Either.isLeft(auth.authorizeModel(principal, id))
+          ? Effect.fail(new Errors.ModelNotFound({ model: id }))
+          : Effect.succeed(json(model))
+      })
+    }
+    // Any other API path: the caller must be known before it learns what exists.
+    if (path.startsWith("/v1/")) {
+      return Effect.flatMap(caller(request, info), () =>
+        Effect.fail(new Errors.RouteNotFound({ method: request.method, path }))
+      )
     }
     return Effect.fail(new Errors.RouteNotFound({ method: request.method, path }))
   }
@@ -136,6 +172,9 @@ const withAccessLog = <E, R>(
           status,
           latency_ms: Math.round((performance.now() - info.startedAt) * 100) / 100
         }
+        if (info.tenantId !== undefined) fields.tenant = info.tenantId
+        if (info.keyId !== undefined) fields.key_id = info.keyId
+        if (info.keyName !== undefined) fields.key_name = info.keyName
         if (info.model !== undefined) fields.model = info.model
         if (info.backend !== undefined) fields.backend = info.backend
         if (info.stream !== undefined) fields.stream = info.stream

@@ -24,10 +24,18 @@ export interface Recording {
   readonly payload: (raw: Uint8Array, body: unknown) => Events.Payload
 }
 
+/** Who and what a request's events belong to, stamped on each event's metadata. */
+export interface RecordingContext {
+  /** The client's `x-request-id`; the request's own id when absent. */
+  readonly correlationId?: string | undefined
+  readonly keyId?: Ids.KeyId | undefined
+  readonly tenantId?: Ids.TenantId | undefined
+}
+
 export class Recorder extends Context.Tag("@gateway/core/Recorder")<
   Recorder,
   {
-    readonly start: (requestId: Ids.RequestId, correlationId?: string) => Recording
+    readonly start: (requestId: Ids.RequestId, context?: RecordingContext) => Recording
     /** `false` while nothing can be recorded (database away, spool unwritable): refuse requests. */
     readonly accepting: Effect.Effect<boolean>
   }
@@ -51,7 +59,8 @@ export const make = (options: { readonly payloads: PayloadMode }) =>
     const writer = yield* EventWriter.EventWriter
     const payload = payloadOf(options.payloads)
 
-    const start = (requestId: Ids.RequestId, correlationId?: string): Recording => {
+    const start = (requestId: Ids.RequestId, context: RecordingContext = {}): Recording => {
+      const { correlationId, keyId, tenantId } = context
       const streamId = Events.streamIdOf(requestId)
       let version = 0
       let causationId: string | null = null
@@ -66,6 +75,8 @@ export const make = (options: { readonly payloads: PayloadMode }) =>
             const metadata = Events.makeMetadata({
               requestId,
               ...(correlationId === undefined ? {} : { correlationId }),
+              ...(keyId === undefined ? {} : { keyId }),
+              ...(tenantId === undefined ? {} : { tenantId }),
               causationId,
               occurredAt: now
             })

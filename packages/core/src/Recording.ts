@@ -7,7 +7,7 @@
 
 import { join } from "node:path"
 import { SqlClient } from "@effect/sql"
-import { Database, EventWriter, ProjectionRunner } from "@gateway/event-store"
+import { Database, type EventStore, EventWriter, ProjectionRunner } from "@gateway/event-store"
 import { Config, Effect, Layer } from "effect"
 import { Meter } from "./Meter.js"
 import * as Projections from "./projections/index.js"
@@ -50,17 +50,30 @@ const eventLogReady = Layer.effectDiscard(
   })
 )
 
-/** Recording on the database named by the environment. */
-export const layer: Layer.Layer<
-  Recorder.Recorder | Readiness | Meter | ProjectionRunner.ProjectionRunner,
+/**
+ * The event store on the database named by the environment (`DATABASE_URL`, else PGlite under
+ * `DATA_DIR`), migrated, with its health on `/ready` and the price table in force recorded.
+ */
+export const database: Layer.Layer<
+  Readiness | Meter | EventStore.EventStore | SqlClient.SqlClient | Database.Database,
   unknown,
   Settings
+> = databaseReady.pipe(
+  Layer.provideMerge(Database.layerStoreConfig),
+  Layer.provideMerge(Readiness.Default),
+  Layer.provideMerge(Meter.Default)
+)
+
+/** Recording on the event store: the writer (spooling to `SPOOL_DIR`), the recorder, the projections. */
+export const layer: Layer.Layer<
+  Recorder.Recorder | ProjectionRunner.ProjectionRunner,
+  unknown,
+  Settings | Readiness | EventStore.EventStore | SqlClient.SqlClient | Database.Database
 > = Layer.provideMerge(
   eventLogReady,
   Layer.unwrapEffect(
     Effect.map(Settings, (config) => Recorder.layer({ payloads: config.events.storePayloads }))
   ).pipe(
-    Layer.provideMerge(databaseReady),
     Layer.provideMerge(ProjectionRunner.layer(Projections.all)),
     Layer.provide(
       Layer.unwrapEffect(
@@ -70,13 +83,9 @@ export const layer: Layer.Layer<
           return EventWriter.layer({ spoolDir })
         })
       )
-    ),
-    Layer.provide(Database.layerStoreConfig),
-    Layer.provideMerge(Readiness.Default),
-    Layer.provideMerge(Meter.Default)
+    )
   )
 )
 
 /** No recording at all. */
-export const layerDisabled: Layer.Layer<Recorder.Recorder | Readiness | Meter, never, Settings> =
-  Layer.mergeAll(Recorder.layerDisabled, Readiness.Default, Meter.Default)
+export const layerDisabled: Layer.Layer<Recorder.Recorder> = Recorder.layerDisabled

@@ -19,10 +19,25 @@ export interface Hooks {
   /** The event to end with when the backend breaks off; the stream ends once it resolves. */
   readonly onBreak: (cause: unknown) => Promise<Uint8Array> | Uint8Array
   /**
-   * The client went away: mid-answer (`true`), or while the end was being recorded (`false`; the
-   * answer was delivered and is on the books).
+   * The client went away: mid-answer (`true`, called once the backend's answer was drained, see
+   * `drainMs`), or while the end was being recorded (`false`; the answer was delivered and is on
+   * the books).
    */
   readonly onClientGone?: (midAnswer: boolean) => void
+  /**
+   * After the client went away mid-answer, keep reading the backend's answer (to `onChunk` only)
+   * for up to this long — its usage comes last, and what was generated is billed. 0: stop at once.
+   */
+  readonly drainMs?: number
+  /** Rewrites what the client gets (e.g. without the usage chunk it did not ask for). */
+  readonly filter?: Filter
+}
+
+/** A rewrite of the forwarded bytes that may hold back an incomplete event until the next chunk. */
+export interface Filter {
+  readonly push: (chunk: Uint8Array) => Uint8Array
+  /** What was held back, at the end. */
+  readonly flush: () => Uint8Array
 }
 
 const done = "data: [DONE]"
@@ -31,6 +46,17 @@ export const relay = (source: Readable, hooks: Hooks): Readable => {
   /** The backend's part is over: it ended, broke, or we are waiting to send the end. */
   let upstreamOver = false
   let ended = false
+  /** The client is gone and the backend's answer is being read to its end (bounded). */
+  let draining = false
+  let drainTimer: ReturnType<typeof setTimeout> | undefined
+  const stopDraining = () => {
+    if (!draining) return
+    draining = false
+    upstreamOver = true
+    if (drainTimer !== undefined) clearTimeout(drainTimer)
+    source.destroy()
+    hooks.onClientGone?.(true)
+  }
   const out = new Readable({
     read() {
       if (!upstreamOver) source.resume()
@@ -39,16 +65,28 @@ export const relay = (source: Readable, hooks: Hooks): Readable => {
       if (!ended) {
         ended = true
         const midAnswer = !upstreamOver
-        upstreamOver = true
-        source.destroy()
-        hooks.onClientGone?.(midAnswer)
+        if (midAnswer && (hooks.drainMs ?? 0) > 0) {
+          draining = true
+          drainTimer = setTimeout(stopDraining, hooks.drainMs)
+          source.resume()
+        } else {
+          upstreamOver = true
+          source.destroy()
+          hooks.onClientGone?.(midAnswer)
+        }
       }
       callback(error)
     }
   })
+  const forward = (chunk: Uint8Array) => {
+    const bytes = hooks.filter === undefined ? chunk : hooks.filter.push(chunk)
+    return bytes.length === 0 || out.push(bytes)
+  }
   const end = (last: Uint8Array | undefined) => {
     if (ended) return
     ended = true
+    const held = hooks.filter?.flush()
+    if (held !== undefined && held.length > 0) out.push(held)
     if (last !== undefined && last.length > 0) out.push(last)
     out.push(null)
   }
@@ -61,16 +99,23 @@ export const relay = (source: Readable, hooks: Hooks): Readable => {
     if (upstreamOver) return
     const at = chunk.indexOf(done)
     const head = at === -1 ? chunk : chunk.subarray(0, at)
+    if (draining) {
+      if (head.length > 0) hooks.onChunk?.(head)
+      if (at !== -1) stopDraining()
+      return
+    }
     if (head.length > 0) {
       hooks.onChunk?.(head)
-      if (!out.push(head)) source.pause()
+      if (!forward(head)) source.pause()
     }
     if (at !== -1) finish(chunk.subarray(at))
   })
   source.once("end", () => {
-    if (!upstreamOver) finish(undefined)
+    if (draining) stopDraining()
+    else if (!upstreamOver) finish(undefined)
   })
   source.once("error", (cause) => {
+    if (draining) return stopDraining()
     if (upstreamOver) return
     upstreamOver = true
     Promise.resolve(hooks.onBreak(cause)).then(end)

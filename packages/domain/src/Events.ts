@@ -165,7 +165,17 @@ export class RequestCancelled extends Schema.TaggedClass<RequestCancelled>()("Re
   /** Completion tokens sent before the disconnect. */
   tokensDelivered: Tokens,
   latencyMs: Millis,
-  afterFirstByte: Schema.Boolean
+  afterFirstByte: Schema.Boolean,
+  /**
+   * What the backend generated, billed like a completed request: read from its usage (it was
+   * drained after the disconnect) or estimated. Absent when no backend had started answering.
+   */
+  model: optional(ModelName),
+  backend: optional(BackendId),
+  promptTokens: optional(Tokens),
+  completionTokens: optional(Tokens),
+  usageSource: optional(UsageSource),
+  cost: optional(Schema.NullOr(Cost))
 }) {}
 
 /** Given up on and parked for an operator (terminal for the request). */

@@ -7,7 +7,7 @@ import { NodeContext } from "@effect/platform-node"
 import { BackendSim } from "@gateway/backend-sim"
 import { ConfigLoader } from "@gateway/core"
 import { Console, Effect, Layer } from "effect"
-import type * as Gateway from "./Gateway.js"
+import * as Gateway from "./Gateway.js"
 
 /** Latency profiles that make the demo feel like a small and a large model. */
 const profiles: Record<
@@ -21,26 +21,52 @@ const profiles: Record<
 const isLoopback = (url: URL) =>
   url.hostname === "127.0.0.1" || url.hostname === "localhost" || url.hostname === "[::1]"
 
-const banner = (port: number, host: string, models: ReadonlyArray<string>, sims: ReadonlyArray<string>) => {
+const banner = (
+  port: number,
+  host: string,
+  models: ReadonlyArray<string>,
+  sims: ReadonlyArray<string>,
+  access: { readonly secret: string | undefined; readonly prefix: string | undefined },
+  adminKey: string | undefined
+) => {
   const base = `http://${host === "0.0.0.0" ? "127.0.0.1" : host}:${port}`
+  const key = access.secret ?? "$GATEWAY_KEY"
   return [
     "",
     "  LLM gateway — embedded default",
     `  listening    ${base}`,
     `  models       ${models.join(", ")}`,
     ...sims.map((s) => `  simulated    ${s}`),
+    access.secret !== undefined
+      ? `  dev key      ${access.secret}   (tenant "dev"; shown this once — keep it)`
+      : `  dev key      ${access.prefix ?? "none"}…   (shown on the first start; make another with the admin key below)`,
+    ...(adminKey === undefined
+      ? []
+      : [`  admin key    ${adminKey}   (this run only; set ADMIN_KEY to choose it)`]),
     "",
     "  Try it:",
-    `    curl ${base}/v1/chat/completions -H 'content-type: application/json' \\`,
+    `    curl ${base}/v1/chat/completions -H "Authorization: Bearer ${key}" -H 'content-type: application/json' \\`,
     `      -d '{"model":"${models[0]}","messages":[{"role":"user","content":"Hello!"}],"stream":true}'`,
+    ...(access.secret === undefined && adminKey !== undefined
+      ? [
+          "",
+          "  A new key:",
+          `    curl ${base}/admin/keys -H "Authorization: Bearer ${adminKey}" -H 'content-type: application/json' \\`,
+          `      -d '{"tenant":"dev","name":"laptop"}'`
+        ]
+      : []),
     "",
-    `  OpenAI SDK: new OpenAI({ baseURL: "${base}/v1", apiKey: "unused" })`,
+    `  OpenAI SDK: new OpenAI({ baseURL: "${base}/v1", apiKey: "${key}" })`,
     ""
   ].join("\n")
 }
 
 /** Simulators for the config's loopback backends, then `gateway`, then the banner. */
-export const layer = <E, R>(options: Gateway.Options, gateway: Layer.Layer<never, E, R>) =>
+export const layer = <E, R>(
+  options: Gateway.Options,
+  gateway: Layer.Layer<Gateway.DevAccess, E, R>,
+  generatedAdminKey: string | undefined
+) =>
   Layer.unwrapScoped(
     Effect.gen(function* () {
       const config = yield* ConfigLoader.load(options.configPath)
@@ -61,12 +87,16 @@ export const layer = <E, R>(options: Gateway.Options, gateway: Layer.Layer<never
       const port = options.port ?? config.server.port
       const host = options.host ?? config.server.host
       const announce = Layer.effectDiscard(
-        Console.log(
-          banner(
-            port,
-            host,
-            config.models.map((m) => m.name),
-            sims
+        Effect.flatMap(Gateway.DevAccess, (access) =>
+          Console.log(
+            banner(
+              port,
+              host,
+              config.models.map((m) => m.name),
+              sims,
+              access,
+              generatedAdminKey
+            )
           )
         )
       )

@@ -4,9 +4,27 @@
  */
 import { createServer } from "node:http"
 import { NodeContext, NodeHttpServer } from "@effect/platform-node"
-import { ConfigLoader, HttpApp, Models, OpenAiCompatible, Recording, Settings, Tracing } from "@gateway/core"
-import { GatewayConfig } from "@gateway/domain"
-import { Config, ConfigError, Effect, Either, Layer, LogLevel, Option } from "effect"
+import {
+  AdminApi,
+  Auth,
+  ConfigLoader,
+  HttpApp,
+  KeyAdmin,
+  KeyRegistry,
+  LimiterStore,
+  MemoryLimiterStore,
+  Meter,
+  Models,
+  OpenAiCompatible,
+  RateLimiter,
+  Readiness,
+  Recording,
+  RedisLimiterStore,
+  Settings,
+  Tracing
+} from "@gateway/core"
+import { GatewayConfig, Ids } from "@gateway/domain"
+import { Config, ConfigError, Context, Effect, Either, Layer, LogLevel, Option, Redacted } from "effect"
 
 /** How the process was asked to run (from the environment, or from a test). */
 export interface Options {
@@ -17,6 +35,14 @@ export interface Options {
   readonly host?: string | undefined
   /** Record every request in the event log (default). Off only to measure what it costs. */
   readonly recording?: boolean | undefined
+  /** API keys and rate limits on `/v1/*` (default). Off only to measure what they cost. */
+  readonly auth?: boolean | undefined
+  /** The admin key (`ADMIN_KEY`); without it only keys with the `admin` scope reach `/admin/*`. */
+  readonly adminKey?: Redacted.Redacted<string> | undefined
+  /** Where the rate limits live (`REDIS_URL`); in this process's memory when absent. */
+  readonly redisUrl?: Redacted.Redacted<string> | undefined
+  /** Create the tenant `dev` and its key on first start (the embedded default). */
+  readonly devKey?: boolean | undefined
 }
 
 /** The options from `GATEWAY_CONFIG`, `PORT` and `HOST`. */
@@ -26,11 +52,17 @@ export const optionsFromEnv = (defaultConfigPath: string) =>
     const port = yield* Config.port("PORT").pipe(Config.option)
     const host = yield* Config.string("HOST").pipe(Config.option)
     const recording = yield* Config.literal("on", "off")("GATEWAY_RECORDING").pipe(Config.withDefault("on"))
+    const auth = yield* Config.literal("on", "off")("GATEWAY_AUTH").pipe(Config.withDefault("on"))
+    const adminKey = yield* Config.redacted("ADMIN_KEY").pipe(Config.option)
+    const redisUrl = yield* Config.redacted("REDIS_URL").pipe(Config.option)
     return {
       configPath,
       port: Option.getOrUndefined(port),
       host: Option.getOrUndefined(host),
-      recording: recording === "on"
+      recording: recording === "on",
+      auth: auth === "on",
+      adminKey: Option.getOrUndefined(adminKey),
+      redisUrl: Option.getOrUndefined(redisUrl)
     } satisfies Options
   })
 
@@ -93,10 +125,93 @@ const settings = (options: Options) =>
     )
   ).pipe(Layer.provide(NodeContext.layer))
 
+/** Where the buckets live: Redis shared by every replica, or this process's memory. */
+const limiterStore = (options: Options): Layer.Layer<LimiterStore.LimiterStore, never, Settings.Settings> =>
+  options.redisUrl === undefined
+    ? MemoryLimiterStore.layer
+    : Layer.unwrapScoped(
+        Effect.gen(function* () {
+          const { redisTimeoutMs } = (yield* Settings.Settings).limits
+          const redis = yield* RedisLimiterStore.connect(Redacted.value(options.redisUrl!), {
+            commandTimeoutMs: redisTimeoutMs
+          })
+          return RedisLimiterStore.layer({ redis, timeoutMs: redisTimeoutMs })
+        })
+      )
+
+/** Everyone anonymous and unlimited, no admin API: a benchmark's baseline. */
+const tenancyDisabled = (options: Options) =>
+  Layer.mergeAll(
+    Auth.layerDisabled(Option.fromNullable(options.adminKey)),
+    RateLimiter.layerDisabled,
+    AdminApi.layerDisabled
+  )
+
+/** API keys from the log, limits in the store, the admin API. */
+const tenancy = (options: Options) => {
+  const adminKey = Option.fromNullable(options.adminKey)
+  const limiter = Layer.unwrapEffect(
+    Effect.map(Settings.Settings, (settings) => RateLimiter.layer({ failure: settings.limits.redisFailure }))
+  ).pipe(Layer.provide(limiterStore(options)))
+  return AdminApi.layer.pipe(
+    Layer.provideMerge(Auth.layer(adminKey)),
+    Layer.provideMerge(limiter),
+    Layer.provideMerge(KeyAdmin.KeyAdmin.Default),
+    Layer.provideMerge(KeyRegistry.KeyRegistry.Default)
+  )
+}
+
+/** The embedded default's dev key: its secret when it was just created (shown once), else its prefix. */
+export class DevAccess extends Context.Tag("@gateway/gateway/DevAccess")<
+  DevAccess,
+  { readonly secret: string | undefined; readonly prefix: string | undefined }
+>() {}
+
+const noDevAccess = Layer.succeed(DevAccess, { secret: undefined, prefix: undefined })
+
+/** Makes sure the tenant `dev` has a key named `dev` (the embedded default's first start). */
+const devKey = Layer.effect(
+  DevAccess,
+  Effect.gen(function* () {
+    const registry = yield* KeyRegistry.KeyRegistry
+    const existing = registry
+      .keys()
+      .find((k) => k.tenantId === "dev" && k.name === "dev" && k.revoked === null)
+    if (existing !== undefined) return { secret: undefined, prefix: existing.prefix }
+    const admin = yield* KeyAdmin.KeyAdmin
+    const { key, secret } = yield* admin.createKey(
+      { tenant: "dev", name: "dev" },
+      "embedded-default",
+      Ids.newRequestId()
+    )
+    return { secret, prefix: key.prefix }
+  }).pipe(Effect.orDie)
+)
+
 /** The whole gateway: serves until interrupted. */
-export const layer = (options: Options) =>
-  HttpApp.layer.pipe(
-    Layer.provide(options.recording === false ? Recording.layerDisabled : Recording.layer),
+export const layer = (options: Options) => {
+  const recording = options.recording !== false
+  const auth = options.auth !== false
+  const app =
+    recording || auth
+      ? HttpApp.layer.pipe(
+          Layer.provideMerge(
+            Layer.mergeAll(
+              auth
+                ? options.devKey === true
+                  ? Layer.provideMerge(devKey, tenancy(options))
+                  : Layer.merge(tenancy(options), noDevAccess)
+                : Layer.merge(tenancyDisabled(options), noDevAccess),
+              recording ? Recording.layer : Recording.layerDisabled
+            )
+          ),
+          Layer.provide(Recording.database)
+        )
+      : HttpApp.layer.pipe(
+          Layer.provideMerge(Layer.mergeAll(tenancyDisabled(options), Recording.layerDisabled, noDevAccess)),
+          Layer.provide(Layer.mergeAll(Readiness.Readiness.Default, Meter.Meter.Default))
+        )
+  return app.pipe(
     Layer.provide(Models.Models.Default),
     Layer.provide(OpenAiCompatible.layer),
     Layer.provideMerge(server),
@@ -104,3 +219,4 @@ export const layer = (options: Options) =>
     // Spans cost allocations on every request; tracing turns them on when an exporter is set.
     Layer.provide(Tracing.layerDisabled)
   )
+}

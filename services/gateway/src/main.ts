@@ -5,8 +5,8 @@
 import { fileURLToPath } from "node:url"
 import { NodeRuntime } from "@effect/platform-node"
 import { BackendSim } from "@gateway/backend-sim"
-import { ConfigLoader, Logging } from "@gateway/core"
-import { Cause, Config, Effect, Layer, Logger, LogLevel, Option } from "effect"
+import { ConfigLoader, KeyAdmin, Logging } from "@gateway/core"
+import { Cause, Config, Effect, Layer, Logger, LogLevel, Option, Redacted } from "effect"
 import * as Embedded from "./Embedded.js"
 import * as Gateway from "./Gateway.js"
 
@@ -14,10 +14,20 @@ const embeddedConfig = fileURLToPath(new URL("../config/embedded.yaml", import.m
 
 const program = Effect.gen(function* () {
   const explicit = yield* Config.string("GATEWAY_CONFIG").pipe(Config.option)
-  const options = yield* Gateway.optionsFromEnv(embeddedConfig)
+  const fromEnv = yield* Gateway.optionsFromEnv(embeddedConfig)
   const level = yield* Gateway.logLevelFromEnv
-  const gateway = Gateway.layer(options)
-  const app = Option.isSome(explicit) ? gateway : Embedded.layer(options, gateway)
+  if (Option.isSome(explicit)) {
+    return yield* Layer.launch(Gateway.layer(fromEnv)).pipe(Effect.provide(Logger.minimumLogLevel(level)))
+  }
+  // The embedded default: a dev key on first start, and an admin key for this run unless one is set.
+  const generatedAdminKey = fromEnv.adminKey === undefined ? KeyAdmin.newSecret() : undefined
+  const options: Gateway.Options = {
+    ...fromEnv,
+    devKey: true,
+    adminKey:
+      fromEnv.adminKey ?? (generatedAdminKey === undefined ? undefined : Redacted.make(generatedAdminKey))
+  }
+  const app = Embedded.layer(options, Gateway.layer(options), generatedAdminKey)
   return yield* Layer.launch(app).pipe(Effect.provide(Logger.minimumLogLevel(level)))
 })
 

@@ -126,7 +126,8 @@ export const projection: Projection.Projection<Map<string, Row>> = {
         Object.assign(row, {
           outcome: "cancelled",
           httpStatus: 499,
-          completionTokens: d.tokensDelivered,
+          ...(typeof d.promptTokens === "number" ? { promptTokens: d.promptTokens } : {}),
+          completionTokens: d.completionTokens ?? d.tokensDelivered,
           latencyMs: d.latencyMs,
           finishedAt: m.occurredAt
         })

@@ -1,6 +1,6 @@
 /**
  * `usage_hourly`: requests, tokens and cost per tenant, key, model and hour — what billing reads.
- * Only completed requests count. Cost is computed here, exactly (`numeric`), from the tokens and
+ * Completed requests count, and cancelled ones for what the backend had generated. Cost is computed here, exactly (`numeric`), from the tokens and
  * the price table whose version the event carries: correct a price table, replay, and the bill
  * follows.
  */
@@ -40,9 +40,11 @@ export const projection: Projection.Projection<Map<string, Row>> = {
     ),
   empty: () => new Map(),
   evolve: (rows, event: EventStore.RecordedEvent) => {
-    if (event.type !== "RequestCompleted") return rows
-    const m = meta(event)
+    if (event.type !== "RequestCompleted" && event.type !== "RequestCancelled") return rows
     const d = data(event)
+    // A cancelled request is billed for what the backend generated, when it had started.
+    if (event.type === "RequestCancelled" && typeof d.promptTokens !== "number") return rows
+    const m = meta(event)
     const hour = hourOf(m.occurredAt)
     const tenantId = m.tenantId ?? ""
     const keyId = m.keyId ?? ""

@@ -1,0 +1,396 @@
+/**
+ * The limiter store in Redis, shared by every replica: `reserve` and `settle` are each one atomic
+ * Lua script on Redis's own clock (`TIME`), so limits stay exact across replicas.
+ *
+ * Key layout (`<prefix>` defaults to `gw:rl:`; `<key>` is the check's key, in a hash tag):
+ * - `<prefix>{<key>}:requests`, `<prefix>{<key>}:tokens` — token bucket, a hash `l` (level, may be
+ *   fractional or negative) and `t` (ms of the last update); expires once it would be full again.
+ * - `<prefix>{<key>}:concurrency` — sorted set of lease ids scored by their expiry time.
+ * - `<prefix>{<key>}:budget:<period>` — spend counter of the UTC period (`2026-11`, `2026-11-21`),
+ *   kept 40 days after the period ends.
+ *
+ * The hash tag keeps all of one subject's buckets in one Cluster slot, but a request checks its key
+ * and its tenant in one script, which Redis Cluster only allows within one slot: single-node Redis
+ * (or a primary with replicas) is the supported deployment for now.
+ */
+import { Clock, Duration, Effect, Layer, type Scope } from "effect"
+import { Redis, type RedisOptions } from "ioredis"
+import {
+  type Check,
+  type CheckState,
+  type Decision,
+  LimiterStore,
+  LimiterStoreUnavailable,
+  type ReserveRequest,
+  type SettleRequest
+} from "./LimiterStore.js"
+
+export interface Options {
+  /** The connection; the caller owns it (see `connect`). */
+  readonly redis: Redis
+  readonly keyPrefix?: string
+  /**
+   * `redis` (the default) reads the time with `TIME` inside the scripts; `effect` passes Effect's
+   * `Clock` instead, so tests can drive the Redis store with `TestClock`.
+   */
+  readonly clock?: "redis" | "effect"
+  /** Bound on one decision, after which it fails with `LimiterStoreUnavailable`. */
+  readonly timeoutMs?: number
+}
+
+/** Lua helpers shared by both scripts. */
+const prelude = `
+local EPS = 1e-9
+local DAY = 86400000
+local function clock(arg)
+  if arg ~= '' then return tonumber(arg) end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function ceil_ms(x)
+  local c = math.ceil(x - EPS)
+  if c < 0 then return 0 end
+  return c
+end
+local function whole(x)
+  local w = math.floor(x + EPS)
+  if w < 0 then return 0 end
+  return w
+end
+local function num(x) return string.format('%.17g', x) end
+local function full_in(level, cap, window)
+  if level >= cap - EPS then return 0 end
+  return ceil_ms((cap - level) * window / cap)
+end
+local function rate_level(key, cap, window, now)
+  local s = redis.call('HMGET', key, 'l', 't')
+  if not s[1] then return cap end
+  local elapsed = now - tonumber(s[2])
+  if elapsed < 0 then elapsed = 0 end
+  local level = tonumber(s[1]) + elapsed * cap / window
+  if level > cap then return cap end
+  return level
+end
+local function rate_store(key, level, cap, window, now)
+  local ms = full_in(level, cap, window)
+  if ms <= 0 then
+    redis.call('DEL', key)
+  else
+    redis.call('HSET', key, 'l', num(level), 't', num(now))
+    redis.call('PEXPIRE', key, ms)
+  end
+end
+local function days_from_civil(y, m, d)
+  if m <= 2 then y = y - 1 end
+  local era = math.floor(y / 400)
+  local yoe = y - era * 400
+  local mp = m + 9
+  if m > 2 then mp = m - 3 end
+  local doy = math.floor((153 * mp + 2) / 5) + d - 1
+  local doe = yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy
+  return era * 146097 + doe - 719468
+end
+local function period_of(now, period)
+  local days = math.floor(now / DAY)
+  local z = days + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524) - math.floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local d = doy - math.floor((153 * mp + 2) / 5) + 1
+  local m = mp + 3
+  if mp >= 10 then m = mp - 9 end
+  local y = yoe + era * 400
+  if m <= 2 then y = y + 1 end
+  if period == 'day' then
+    return string.format('%04d-%02d-%02d', y, m, d), (days + 1) * DAY
+  end
+  if m == 12 then
+    return string.format('%04d-%02d', y, m), days_from_civil(y + 1, 1, 1) * DAY
+  end
+  return string.format('%04d-%02d', y, m), days_from_civil(y, m + 1, 1) * DAY
+end
+`
+
+/**
+ * KEYS: one per check (a budget's without its period). ARGV: now ('' = TIME), lease id, lease TTL,
+ * check count, then per check kind (r/c/b), capacity, window ms or period, cost.
+ * Returns admitted (1/0), failed index (-1), retry-after ms, then per check remaining, reset ms and
+ * the budget period ('' for others).
+ */
+const reserveLua = `${prelude}
+local now = clock(ARGV[1])
+local lease = ARGV[2]
+local ttl = tonumber(ARGV[3])
+local n = tonumber(ARGV[4])
+local views = {}
+local failed = -1
+local retry = 0
+for i = 1, n do
+  local b = 4 + (i - 1) * 4
+  local kind, cap, arg, cost = ARGV[b + 1], tonumber(ARGV[b + 2]), ARGV[b + 3], tonumber(ARGV[b + 4])
+  local key = KEYS[i]
+  local v = { kind = kind, key = key, suffix = '', reset = 0 }
+  if kind == 'r' then
+    local window = tonumber(arg)
+    local level = rate_level(key, cap, window, now)
+    v.cap, v.window = cap, window
+    if cost <= cap and level + EPS >= cost then
+      v.ok, v.level = true, level - cost
+      v.remaining, v.reset = whole(v.level), full_in(v.level, cap, window)
+    else
+      v.ok, v.remaining, v.reset = false, whole(level), full_in(level, cap, window)
+      if cost > cap then
+        v.retry = v.reset
+      else
+        v.retry = math.max(1, ceil_ms((cost - level) * window / cap))
+      end
+    end
+  elseif kind == 'c' then
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+    local held = redis.call('ZCARD', key)
+    local mine = redis.call('ZSCORE', key, lease)
+    if mine or held < cap then
+      v.ok = true
+      if mine then v.remaining = cap - held else v.remaining = cap - held - 1 end
+      if v.remaining < 0 then v.remaining = 0 end
+    else
+      v.ok, v.remaining = false, cap - held
+      if v.remaining < 0 then v.remaining = 0 end
+      local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+      local earliest = now + ttl
+      if first[2] then earliest = tonumber(first[2]) end
+      v.retry = math.max(1, earliest - now)
+    end
+  else
+    local suffix, ends = period_of(now, arg)
+    v.suffix, v.key, v.ends = suffix, key .. ':' .. suffix, ends
+    local spent = tonumber(redis.call('GET', v.key) or '0')
+    v.cost, v.reset, v.retry = cost, ends - now, ends - now
+    v.ok = spent + cost <= cap
+    if v.ok then v.remaining = whole(cap - spent - cost) else v.remaining = whole(cap - spent) end
+  end
+  if not v.ok and failed < 0 then
+    failed, retry = i - 1, v.retry
+  end
+  views[i] = v
+end
+if failed < 0 then
+  for i = 1, n do
+    local v = views[i]
+    if v.kind == 'r' then
+      rate_store(v.key, v.level, v.cap, v.window, now)
+    elseif v.kind == 'c' then
+      redis.call('ZADD', v.key, now + ttl, lease)
+      if redis.call('PTTL', v.key) < ttl then redis.call('PEXPIRE', v.key, ttl) end
+    else
+      redis.call('INCRBYFLOAT', v.key, num(v.cost))
+      redis.call('PEXPIRE', v.key, v.ends - now + 40 * DAY)
+    end
+  end
+end
+local out = { failed < 0 and 1 or 0, failed, retry }
+for i = 1, n do
+  local v = views[i]
+  out[#out + 1] = v.remaining
+  out[#out + 1] = v.reset
+  out[#out + 1] = v.suffix
+end
+return out
+`
+
+/**
+ * KEYS: one per check (a budget's with its period). ARGV: now ('' = TIME), lease id, check count,
+ * then per check kind (r/c/b), capacity, window ms, actual - reserved.
+ */
+const settleLua = `${prelude}
+local now = clock(ARGV[1])
+local lease = ARGV[2]
+local n = tonumber(ARGV[3])
+for i = 1, n do
+  local b = 3 + (i - 1) * 4
+  local kind, cap, window, diff = ARGV[b + 1], tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4])
+  local key = KEYS[i]
+  if kind == 'r' then
+    if diff ~= 0 then
+      local level = rate_level(key, cap, window, now) - diff
+      if level > cap then level = cap end
+      rate_store(key, level, cap, window, now)
+    end
+  elseif kind == 'c' then
+    redis.call('ZREM', key, lease)
+  elseif diff ~= 0 then
+    redis.call('INCRBYFLOAT', key, num(diff))
+    if redis.call('PTTL', key) < 0 then redis.call('PEXPIRE', key, 40 * DAY) end
+  end
+end
+return 1
+`
+
+interface Scripts {
+  readonly gatewayLimiterReserve: (...args: ReadonlyArray<string | number>) => Promise<unknown>
+  readonly gatewayLimiterSettle: (...args: ReadonlyArray<string | number>) => Promise<unknown>
+}
+
+/** I/O timeouts run on the real clock, even where a `TestClock` drives the limits' time. */
+const liveClock = Clock.make()
+
+const unavailable = (cause: unknown) =>
+  new LimiterStoreUnavailable({ detail: cause instanceof Error ? cause.message : String(cause) })
+
+const kindCode = (check: Check) => (check.kind === "rate" ? "r" : check.kind === "concurrency" ? "c" : "b")
+
+/** The store's key for a check; a budget's gets `:<period>` appended (in Lua at reserve). */
+const redisKey = (prefix: string, check: Check): string =>
+  `${prefix}{${check.key}}:${check.kind === "rate" ? check.limit : check.kind}`
+
+export const make = (options: Options): Effect.Effect<LimiterStore["Type"]> =>
+  Effect.sync(() => {
+    const { redis } = options
+    const prefix = options.keyPrefix ?? "gw:rl:"
+    const timeout = Duration.millis(options.timeoutMs ?? 250)
+    redis.defineCommand("gatewayLimiterReserve", { lua: reserveLua })
+    redis.defineCommand("gatewayLimiterSettle", { lua: settleLua })
+    const scripts = redis as unknown as Scripts
+
+    const now: Effect.Effect<string> =
+      options.clock === "effect" ? Effect.map(Clock.currentTimeMillis, String) : Effect.succeed("")
+
+    const run = (script: () => Promise<unknown>) =>
+      Effect.tryPromise({ try: script, catch: unavailable }).pipe(
+        Effect.timeoutFail({
+          duration: timeout,
+          onTimeout: () =>
+            new LimiterStoreUnavailable({ detail: `no answer within ${Duration.format(timeout)}` })
+        }),
+        Effect.withClock(liveClock)
+      )
+
+    const reserve = (request: ReserveRequest) =>
+      Effect.flatMap(now, (time) => {
+        const keys = request.checks.map((check) => redisKey(prefix, check))
+        const args: Array<string | number> = [keys.length, ...keys, time, request.leaseId]
+        args.push(request.leaseTtlMs, request.checks.length)
+        for (const check of request.checks) {
+          args.push(
+            kindCode(check),
+            check.capacity,
+            check.kind === "rate" ? check.windowMs : check.kind === "budget" ? check.period : 0,
+            check.kind === "concurrency" ? 0 : check.cost
+          )
+        }
+        return run(() => scripts.gatewayLimiterReserve(...args))
+      }).pipe(
+        Effect.flatMap((reply) => decode(request, reply)),
+        Effect.withSpan("LimiterStore.reserve", {
+          attributes: { "limiter.store": "redis", "limiter.checks": request.checks.length }
+        })
+      )
+
+    const settle = (request: SettleRequest) =>
+      Effect.flatMap(now, (time) => {
+        const keys = request.checks.map((check, i) => {
+          const key = redisKey(prefix, check)
+          const used = request.keys[i]
+          return check.kind === "budget" && used !== undefined ? key + used.slice(check.key.length) : key
+        })
+        const args: Array<string | number> = [keys.length, ...keys, time, request.leaseId, keys.length]
+        request.checks.forEach((check, i) => {
+          // A budget without the key of its admission has no period to settle.
+          const diff =
+            check.kind === "concurrency" || (check.kind === "budget" && request.keys[i] === undefined)
+              ? 0
+              : (request.actual[i] ?? check.cost) - check.cost
+          args.push(
+            kindCode(check),
+            check.capacity,
+            check.kind === "rate" ? check.windowMs : 0,
+            Number.isFinite(diff) ? diff : 0
+          )
+        })
+        return run(() => scripts.gatewayLimiterSettle(...args))
+      }).pipe(
+        Effect.asVoid,
+        Effect.withSpan("LimiterStore.settle", {
+          attributes: { "limiter.store": "redis", "limiter.checks": request.checks.length }
+        })
+      )
+
+    return LimiterStore.of({ kind: "redis", reserve, settle })
+  })
+
+/** The reserve script's reply as a `Decision`. */
+const decode = (
+  request: ReserveRequest,
+  reply: unknown
+): Effect.Effect<Decision, LimiterStoreUnavailable> => {
+  const n = request.checks.length
+  if (!Array.isArray(reply) || reply.length !== 3 + 3 * n) {
+    return Effect.fail(new LimiterStoreUnavailable({ detail: "unexpected reply from the reserve script" }))
+  }
+  const states: Array<CheckState> = []
+  const keys: Array<string> = []
+  request.checks.forEach((check, i) => {
+    states.push({ remaining: Number(reply[3 + 3 * i]), resetMs: Number(reply[4 + 3 * i]) })
+    const suffix = String(reply[5 + 3 * i])
+    keys.push(check.kind === "budget" ? `${check.key}:${suffix}` : check.key)
+  })
+  return Effect.succeed(
+    Number(reply[0]) === 1
+      ? { admitted: true, states, keys }
+      : { admitted: false, failed: Number(reply[1]), retryAfterMs: Number(reply[2]), states }
+  )
+}
+
+export const layer = (options: Options): Layer.Layer<LimiterStore> =>
+  Layer.effect(LimiterStore, make(options))
+
+export interface ConnectOptions {
+  /** ioredis' own bound on a command (the store's `timeoutMs` bounds each decision too). */
+  readonly commandTimeoutMs?: number
+  /** How long to wait for the first connection before handing the client over anyway. */
+  readonly connectTimeoutMs?: number
+  /** Cap of the reconnection backoff. */
+  readonly maxReconnectDelayMs?: number
+}
+
+/**
+ * An ioredis client for the hot path: commands fail at once while disconnected (no offline queue,
+ * one retry), reconnects back off up to a cap, and the client quits (bounded) with the scope.
+ * Redis being down at start is not an error: the client keeps reconnecting.
+ */
+export const connect = (
+  url: string,
+  options: ConnectOptions = {}
+): Effect.Effect<Redis, never, Scope.Scope> => {
+  const maxDelay = options.maxReconnectDelayMs ?? 2_000
+  const connectTimeoutMs = options.connectTimeoutMs ?? 2_000
+  const redisOptions: RedisOptions = {
+    enableOfflineQueue: false,
+    maxRetriesPerRequest: 1,
+    connectTimeout: connectTimeoutMs,
+    commandTimeout: options.commandTimeoutMs ?? 1_000,
+    retryStrategy: (times) => Math.min(50 * 2 ** Math.min(times, 10), maxDelay)
+  }
+  return Effect.acquireRelease(
+    Effect.suspend(() => {
+      const client = new Redis(url, redisOptions)
+      // Failures reach callers as `LimiterStoreUnavailable`; this only stops ioredis printing them.
+      client.on("error", () => {})
+      return Effect.async<void>((resume) => {
+        if (client.status === "ready") return resume(Effect.void)
+        const ready = () => resume(Effect.void)
+        client.once("ready", ready)
+        return Effect.sync(() => client.off("ready", ready))
+      }).pipe(Effect.timeout(connectTimeoutMs), Effect.ignore, Effect.withClock(liveClock), Effect.as(client))
+    }),
+    (client) =>
+      Effect.tryPromise(() => client.quit()).pipe(
+        Effect.timeout(1_000),
+        Effect.ignore,
+        Effect.withClock(liveClock),
+        Effect.ensuring(Effect.sync(() => client.disconnect()))
+      )
+  )
+}
