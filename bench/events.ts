@@ -1212,8 +1212,8 @@ const recordingPhase = Effect.gen(function* () {
         script: gatewayScript!,
         env:
           databaseUrl === undefined
-            ? { GATEWAY_RECORDING: "off" }
-            : { GATEWAY_RECORDING: "on", DATABASE_URL: databaseUrl }
+            ? { GATEWAY_RECORDING: "off", GATEWAY_AUTH: "off" }
+            : { GATEWAY_RECORDING: "on", GATEWAY_AUTH: "off", DATABASE_URL: databaseUrl }
       })
     })
     let behind: Gateway["behind"]

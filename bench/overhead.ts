@@ -752,7 +752,7 @@ const main = async (): Promise<void> => {
     cpu: gatewayCpu,
     nodeArgs: config.gatewayNodeArgs,
     // The proxy's own overhead: recording is measured by `pnpm bench:events`, on real PostgreSQL.
-    env: { GATEWAY_RECORDING: "off" }
+    env: { GATEWAY_RECORDING: "off", GATEWAY_AUTH: "off" }
   })
   children.push(gateway.proc)
   const env: Env = { sim: sim.proc, simUrl: sim.url, gateway: gateway.proc, gatewayUrl: gateway.url }

@@ -279,17 +279,27 @@ export const writeConfig = (config: unknown): Effect.Effect<string, never, Scope
     return path
   })
 
-/** Without a database the gateway runs with recording off (tests of start-up failures). */
+/**
+ * Without a database the gateway runs with recording off (tests of start-up failures). API keys
+ * are off unless a test is about them (`GATEWAY_AUTH: "on"` in its `env`).
+ */
 const gatewayEnv = (configPath: string, port: number, databaseUrl?: string) => ({
   GATEWAY_CONFIG: configPath,
+  GATEWAY_AUTH: "off",
   ...(databaseUrl === undefined ? { GATEWAY_RECORDING: "off" } : { DATABASE_URL: databaseUrl }),
   PORT: String(port),
   HOST: "127.0.0.1",
   LOG_LEVEL: "info"
 })
 
-/** Starts the gateway with `config` (the file format, snake_case) on a free loopback port. */
-export const startGateway = (config: unknown): Effect.Effect<Gateway, never, Scope.Scope> =>
+/**
+ * Starts the gateway with `config` (the file format, snake_case) on a free loopback port, with
+ * `env` over the defaults (e.g. `GATEWAY_AUTH`, `ADMIN_KEY`, `REDIS_URL`).
+ */
+export const startGateway = (
+  config: unknown,
+  env: Readonly<Record<string, string>> = {}
+): Effect.Effect<Gateway, never, Scope.Scope> =>
   Effect.gen(function* () {
     const configPath = yield* writeConfig(config)
     const port = yield* freePort
@@ -298,7 +308,8 @@ export const startGateway = (config: unknown): Effect.Effect<Gateway, never, Sco
     const spoolDir = yield* tempDir
     const child = yield* spawnNode("gateway", "services/gateway/src/main.ts", [], {
       ...gatewayEnv(configPath, port, databaseUrl),
-      SPOOL_DIR: spoolDir
+      SPOOL_DIR: spoolDir,
+      ...env
     })
     return yield* healthyGateway(child, port, databaseUrl)
   })
@@ -320,6 +331,7 @@ export const startGatewayOn = (
   options: {
     readonly databaseUrl: string
     readonly spoolDir: string
+    readonly env?: Readonly<Record<string, string>>
   }
 ): Effect.Effect<Gateway, never, Scope.Scope> =>
   Effect.gen(function* () {
@@ -327,7 +339,8 @@ export const startGatewayOn = (
     const port = yield* freePort
     const child = yield* spawnNode("gateway", "services/gateway/src/main.ts", [], {
       ...gatewayEnv(configPath, port, options.databaseUrl),
-      SPOOL_DIR: options.spoolDir
+      SPOOL_DIR: options.spoolDir,
+      ...options.env
     })
     return yield* healthyGateway(child, port, options.databaseUrl)
   })
