@@ -52,7 +52,8 @@ export const adminCall = (
       ...(body === undefined ? {} : { body: JSON.stringify(body) })
     })
     const text = await res.text()
-    if (res.status !== expect) throw new Error(`${method} ${path}: HTTP ${res.status} (expected ${expect}): ${text}`)
+    if (res.status !== expect)
+      throw new Error(`${method} ${path}: HTTP ${res.status} (expected ${expect}): ${text}`)
     return text.length === 0 ? undefined : JSON.parse(text)
   }).pipe(Effect.orDie)
 
@@ -67,7 +68,8 @@ export const createKey = (
     readonly limits?: LimitsInput
     readonly scopes?: ReadonlyArray<"admin" | "internal">
   }
-): Effect.Effect<KeyView & { readonly key: string }> => adminCall(baseUrl, adminKey, "POST", "/admin/keys", input, 201)
+): Effect.Effect<KeyView & { readonly key: string }> =>
+  adminCall(baseUrl, adminKey, "POST", "/admin/keys", input, 201)
 
 export const revokeKey = (baseUrl: string, adminKey: string, id: string): Effect.Effect<KeyView> =>
   adminCall(baseUrl, adminKey, "POST", `/admin/keys/${encodeURIComponent(id)}/revoke`, { reason: "test" })
@@ -77,7 +79,8 @@ export const changeKey = (
   adminKey: string,
   id: string,
   change: { readonly limits?: LimitsInput; readonly models?: ReadonlyArray<string> | null }
-): Effect.Effect<KeyView> => adminCall(baseUrl, adminKey, "PATCH", `/admin/keys/${encodeURIComponent(id)}`, change)
+): Effect.Effect<KeyView> =>
+  adminCall(baseUrl, adminKey, "PATCH", `/admin/keys/${encodeURIComponent(id)}`, change)
 
 /** Sets a tenant's limits (creating the tenant first when it does not exist). */
 export const tenantLimits = (
@@ -85,7 +88,8 @@ export const tenantLimits = (
   adminKey: string,
   tenant: string,
   limits: LimitsInput
-): Effect.Effect<unknown> => adminCall(baseUrl, adminKey, "PATCH", `/admin/tenants/${encodeURIComponent(tenant)}`, { limits })
+): Effect.Effect<unknown> =>
+  adminCall(baseUrl, adminKey, "PATCH", `/admin/tenants/${encodeURIComponent(tenant)}`, { limits })
 
 export interface UsageRow {
   readonly tenant?: string
