@@ -40,6 +40,7 @@ class Stack extends Context.Tag("test/RequestLifecycle/Stack")<
           Processes.startSim({ port: simPort, model: "small", ttftMs: 5, itlMs: 1, outputTokens, seed: 1 }),
           Processes.startGateway({
             server: { host: "127.0.0.1", max_body_bytes: maxBodyBytes },
+            metering: { drain_after_disconnect_ms: 200 },
             models: [
               {
                 name: "small",
@@ -343,25 +344,27 @@ layer(Stack.layer, { excludeTestServices: true })("the lifecycle of a request in
     })
   )
 
-  it.effect("a stream without usage is on the books with one estimated token per content chunk", () =>
-    Effect.gen(function* () {
-      const { gateway } = yield* Stack
-      const res = yield* postChat(gateway.url, { model: "small", messages, stream: true })
-      const { events, done } = yield* readSse(res)
-      const requestId = gatewayIdOf(res)
-      const rows = yield* eventsOf(requestId)
-      expect(done).toBe(true)
-      expect(events.some((chunk) => chunk.usage != null)).toBe(false)
-      // Without an x-request-id the correlation id is the request's own.
-      expectLifecycle(rows, { requestId, correlationId: requestId, types: succeeded })
-      expect(rows[3]!.data).toMatchObject({
-        completionTokens: contentChunks(events).length,
-        usageSource: "estimated",
-        stream: true,
-        status: 200
+  it.effect(
+    "a stream whose client did not ask for usage is billed from the backend's usage, which the client does not see",
+    () =>
+      Effect.gen(function* () {
+        const { gateway } = yield* Stack
+        const res = yield* postChat(gateway.url, { model: "small", messages, stream: true })
+        const { events, done } = yield* readSse(res)
+        const requestId = gatewayIdOf(res)
+        const rows = yield* eventsOf(requestId)
+        expect(done).toBe(true)
+        expect(events.some((chunk) => chunk.usage != null)).toBe(false)
+        // Without an x-request-id the correlation id is the request's own.
+        expectLifecycle(rows, { requestId, correlationId: requestId, types: succeeded })
+        expect(rows[3]!.data).toMatchObject({
+          completionTokens: contentChunks(events).length,
+          usageSource: "backend",
+          stream: true,
+          status: 200
+        })
+        expect(contentChunks(events)).toHaveLength(outputTokens)
       })
-      expect(contentChunks(events)).toHaveLength(outputTokens)
-    })
   )
 
   it.scoped("while the log cannot be written, no client gets the end of its answer", () =>
@@ -519,6 +522,11 @@ layer(Stack.layer, { excludeTestServices: true })("the lifecycle of a request in
       expect(cancelled.tokensDelivered).toBeGreaterThanOrEqual(1)
       expect(cancelled.tokensDelivered).toBeLessThan(500)
       expect(cancelled.latencyMs).toBeGreaterThan(0)
+      // Billed for what the backend generated, read while draining or estimated: never zero.
+      expect(cancelled).toMatchObject({ model: "small", backend: "small-1" })
+      expect(cancelled.promptTokens).toBeGreaterThan(0)
+      expect(cancelled.completionTokens).toBeGreaterThanOrEqual(cancelled.tokensDelivered)
+      expect(cancelled.cost.amountMicroUsd).toBeGreaterThan(0)
     })
   )
 

@@ -376,8 +376,10 @@ export class ChatCompletions extends Effect.Service<ChatCompletions>()("@gateway
             const event = ErrorResponse.toSseEvent(ErrorResponse.render(error))
             return run(recording.finish(...failed(error, true)).pipe(Effect.ignore, Effect.as(event)))
           },
-          onClientGone: (midAnswer) => {
+          onDisconnect: () => {
             info.clientClosed = true
+          },
+          onClientGone: (midAnswer) => {
             if (!midAnswer) return
             // Gone mid-answer: billed for what the backend generated (it was drained for its usage).
             const usage = usageOf(scanner)

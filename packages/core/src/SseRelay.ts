@@ -24,6 +24,8 @@ export interface Hooks {
    * the books).
    */
   readonly onClientGone?: (midAnswer: boolean) => void
+  /** The client went away (called at once, before any draining). */
+  readonly onDisconnect?: () => void
   /**
    * After the client went away mid-answer, keep reading the backend's answer (to `onChunk` only)
    * for up to this long — its usage comes last, and what was generated is billed. 0: stop at once.
@@ -64,6 +66,7 @@ export const relay = (source: Readable, hooks: Hooks): Readable => {
     destroy(error, callback) {
       if (!ended) {
         ended = true
+        hooks.onDisconnect?.()
         const midAnswer = !upstreamOver
         if (midAnswer && (hooks.drainMs ?? 0) > 0) {
           draining = true

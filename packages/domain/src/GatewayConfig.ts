@@ -124,7 +124,7 @@ export class MeteringConfig extends Schema.Class<MeteringConfig>("MeteringConfig
    * After a streaming client disconnects, how long to keep reading the backend's answer to learn
    * the real usage (else it is estimated).
    */
-  drainAfterDisconnectMs: snakeWithDefault("drain_after_disconnect_ms", Schema.NonNegativeInt, () => 5_000)
+  drainAfterDisconnectMs: snakeWithDefault("drain_after_disconnect_ms", Schema.NonNegativeInt, () => 2_000)
 }) {}
 
 const uniqueNames = (models: ReadonlyArray<ModelConfig>) => {
