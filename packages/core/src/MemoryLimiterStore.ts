@@ -85,7 +85,10 @@ const idOf = (check: Check, suffix: string): string =>
 /** A check evaluated against the current state, before anything is taken. */
 interface View {
   readonly ok: boolean
+  /** The state as it is: a refused request takes nothing. */
   readonly state: CheckState
+  /** The state once this request is admitted. */
+  readonly admittedState: CheckState
   readonly retryAfterMs: number
   readonly key: string
   readonly apply: () => void
@@ -145,16 +148,19 @@ export const make: Effect.Effect<LimiterStore["Type"]> = Effect.sync(() => {
           const after = level - cost
           return {
             ok: true,
-            state: { remaining: remainingOf(after), resetMs: fullInMs(after, capacity, windowMs) },
+            state: { remaining: remainingOf(level), resetMs: fullInMs(level, capacity, windowMs) },
+            admittedState: { remaining: remainingOf(after), resetMs: fullInMs(after, capacity, windowMs) },
             retryAfterMs: 0,
             key: check.key,
             apply: () => storeLevel(id, after, capacity, windowMs, now)
           }
         }
         const resetMs = fullInMs(level, capacity, windowMs)
+        const state = { remaining: remainingOf(level), resetMs }
         return {
           ok: false,
-          state: { remaining: remainingOf(level), resetMs },
+          state,
+          admittedState: state,
           // A cost above capacity never fits: the caller is told to wait for a full bucket.
           retryAfterMs:
             cost > capacity ? resetMs : Math.max(1, ceilMs(((cost - level) * windowMs) / capacity)),
@@ -171,7 +177,8 @@ export const make: Effect.Effect<LimiterStore["Type"]> = Effect.sync(() => {
           const expiresAt = now + request.leaseTtlMs
           return {
             ok: true,
-            state: { remaining: Math.max(0, check.capacity - (mine ? held : held + 1)), resetMs: 0 },
+            state: { remaining: Math.max(0, check.capacity - held), resetMs: 0 },
+            admittedState: { remaining: Math.max(0, check.capacity - (mine ? held : held + 1)), resetMs: 0 },
             retryAfterMs: 0,
             key: check.key,
             apply: () => {
@@ -188,9 +195,11 @@ export const make: Effect.Effect<LimiterStore["Type"]> = Effect.sync(() => {
         }
         let earliest = now + request.leaseTtlMs
         for (const expiresAt of slots?.leases.values() ?? []) earliest = Math.min(earliest, expiresAt)
+        const state = { remaining: Math.max(0, check.capacity - held), resetMs: 0 }
         return {
           ok: false,
-          state: { remaining: Math.max(0, check.capacity - held), resetMs: 0 },
+          state,
+          admittedState: state,
           // Certain only when no slot is settled before: the earliest lease expiry.
           retryAfterMs: Math.max(1, earliest - now),
           key: check.key,
@@ -206,7 +215,8 @@ export const make: Effect.Effect<LimiterStore["Type"]> = Effect.sync(() => {
         const ok = spent + check.cost <= check.capacity
         return {
           ok,
-          state: { remaining: remainingOf(check.capacity - spent - (ok ? check.cost : 0)), resetMs },
+          state: { remaining: remainingOf(check.capacity - spent), resetMs },
+          admittedState: { remaining: remainingOf(check.capacity - spent - check.cost), resetMs },
           retryAfterMs: resetMs,
           key: `${check.key}:${suffix}`,
           apply: () => entries.set(id, { kind: "budget", spent: spent + check.cost, expiresAt: endsAt })
@@ -218,11 +228,13 @@ export const make: Effect.Effect<LimiterStore["Type"]> = Effect.sync(() => {
   const decide = (request: ReserveRequest, now: number): Decision => {
     sweep(now)
     const views = request.checks.map((check) => view(check, request, now))
-    const states = views.map((v) => v.state)
     const failed = views.findIndex((v) => !v.ok)
-    if (failed >= 0) return { admitted: false, failed, retryAfterMs: views[failed]!.retryAfterMs, states }
+    if (failed >= 0) {
+      const states = views.map((v) => v.state)
+      return { admitted: false, failed, retryAfterMs: views[failed]!.retryAfterMs, states }
+    }
     for (const v of views) v.apply()
-    return { admitted: true, states, keys: views.map((v) => v.key) }
+    return { admitted: true, states: views.map((v) => v.admittedState), keys: views.map((v) => v.key) }
   }
 
   const settleOne = (request: SettleRequest, index: number, now: number) => {

@@ -131,45 +131,38 @@ for i = 1, n do
   local b = 4 + (i - 1) * 4
   local kind, cap, arg, cost = ARGV[b + 1], tonumber(ARGV[b + 2]), ARGV[b + 3], tonumber(ARGV[b + 4])
   local key = KEYS[i]
-  local v = { kind = kind, key = key, suffix = '', reset = 0 }
+  -- remaining/reset: the state as it is; a_remaining/a_reset: once this request is admitted.
+  local v = { kind = kind, key = key, suffix = '', reset = 0, a_reset = 0 }
   if kind == 'r' then
     local window = tonumber(arg)
     local level = rate_level(key, cap, window, now)
-    v.cap, v.window = cap, window
-    if cost <= cap and level + EPS >= cost then
-      v.ok, v.level = true, level - cost
-      v.remaining, v.reset = whole(v.level), full_in(v.level, cap, window)
+    v.cap, v.window, v.level = cap, window, level - cost
+    v.remaining, v.reset = whole(level), full_in(level, cap, window)
+    v.a_remaining, v.a_reset = whole(v.level), full_in(v.level, cap, window)
+    v.ok = cost <= cap and level + EPS >= cost
+    if cost > cap then
+      v.retry = v.reset
     else
-      v.ok, v.remaining, v.reset = false, whole(level), full_in(level, cap, window)
-      if cost > cap then
-        v.retry = v.reset
-      else
-        v.retry = math.max(1, ceil_ms((cost - level) * window / cap))
-      end
+      v.retry = math.max(1, ceil_ms((cost - level) * window / cap))
     end
   elseif kind == 'c' then
     redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
     local held = redis.call('ZCARD', key)
     local mine = redis.call('ZSCORE', key, lease)
-    if mine or held < cap then
-      v.ok = true
-      if mine then v.remaining = cap - held else v.remaining = cap - held - 1 end
-      if v.remaining < 0 then v.remaining = 0 end
-    else
-      v.ok, v.remaining = false, cap - held
-      if v.remaining < 0 then v.remaining = 0 end
-      local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
-      local earliest = now + ttl
-      if first[2] then earliest = tonumber(first[2]) end
-      v.retry = math.max(1, earliest - now)
-    end
+    v.ok = mine or held < cap
+    v.remaining = math.max(0, cap - held)
+    if mine then v.a_remaining = v.remaining else v.a_remaining = math.max(0, cap - held - 1) end
+    local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+    local earliest = now + ttl
+    if first[2] then earliest = tonumber(first[2]) end
+    v.retry = math.max(1, earliest - now)
   else
     local suffix, ends = period_of(now, arg)
-    v.suffix, v.key, v.ends = suffix, key .. ':' .. suffix, ends
+    v.suffix, v.key, v.ends, v.cost = suffix, key .. ':' .. suffix, ends, cost
     local spent = tonumber(redis.call('GET', v.key) or '0')
-    v.cost, v.reset, v.retry = cost, ends - now, ends - now
     v.ok = spent + cost <= cap
-    if v.ok then v.remaining = whole(cap - spent - cost) else v.remaining = whole(cap - spent) end
+    v.remaining, v.a_remaining = whole(cap - spent), whole(cap - spent - cost)
+    v.reset, v.a_reset, v.retry = ends - now, ends - now, ends - now
   end
   if not v.ok and failed < 0 then
     failed, retry = i - 1, v.retry
@@ -193,8 +186,13 @@ end
 local out = { failed < 0 and 1 or 0, failed, retry }
 for i = 1, n do
   local v = views[i]
-  out[#out + 1] = v.remaining
-  out[#out + 1] = v.reset
+  if failed < 0 then
+    out[#out + 1] = v.a_remaining
+    out[#out + 1] = v.a_reset
+  else
+    out[#out + 1] = v.remaining
+    out[#out + 1] = v.reset
+  end
   out[#out + 1] = v.suffix
 end
 return out
@@ -373,24 +371,25 @@ export const connect = (
     commandTimeout: options.commandTimeoutMs ?? 1_000,
     retryStrategy: (times) => Math.min(50 * 2 ** Math.min(times, 10), maxDelay)
   }
-  return Effect.acquireRelease(
-    Effect.suspend(() => {
-      const client = new Redis(url, redisOptions)
-      // Failures reach callers as `LimiterStoreUnavailable`; this only stops ioredis printing them.
-      client.on("error", () => {})
-      return Effect.async<void>((resume) => {
-        if (client.status === "ready") return resume(Effect.void)
-        const ready = () => resume(Effect.void)
-        client.once("ready", ready)
-        return Effect.sync(() => client.off("ready", ready))
-      }).pipe(Effect.timeout(connectTimeoutMs), Effect.ignore, Effect.withClock(liveClock), Effect.as(client))
-    }),
-    (client) =>
-      Effect.tryPromise(() => client.quit()).pipe(
-        Effect.timeout(1_000),
-        Effect.ignore,
-        Effect.withClock(liveClock),
-        Effect.ensuring(Effect.sync(() => client.disconnect()))
-      )
-  )
+  const make = Effect.sync(() => {
+    const client = new Redis(url, redisOptions)
+    // Failures reach callers as \`LimiterStoreUnavailable\`; this only stops ioredis printing them.
+    client.on("error", () => {})
+    return client
+  })
+  const ready = (client: Redis) =>
+    Effect.async<void>((resume) => {
+      if (client.status === "ready") return resume(Effect.void)
+      const onReady = () => resume(Effect.void)
+      client.once("ready", onReady)
+      return Effect.sync(() => client.off("ready", onReady))
+    }).pipe(Effect.timeout(connectTimeoutMs), Effect.ignore, Effect.withClock(liveClock))
+  const quit = (client: Redis) =>
+    Effect.tryPromise(() => client.quit()).pipe(
+      Effect.timeout(1_000),
+      Effect.ignore,
+      Effect.withClock(liveClock),
+      Effect.ensuring(Effect.sync(() => client.disconnect()))
+    )
+  return Effect.acquireRelease(make, quit).pipe(Effect.tap(ready))
 }

@@ -1,4 +1,4 @@
-import { createServer, type Server } from "node:net"
+import { createServer, type Server, type Socket } from "node:net"
 import { afterAll, beforeAll, describe, expect, it } from "@effect/vitest"
 import type {
   BudgetCheck,
@@ -402,13 +402,15 @@ describe("RedisLimiterStore", () => {
 
   it.scopedLive("gives up after timeoutMs when Redis accepts but never answers", () =>
     Effect.gen(function* () {
+      const sockets = new Set<Socket>()
       const silent = yield* Effect.acquireRelease(
         Effect.async<Server>((resume) => {
-          const server = createServer(() => {})
+          const server = createServer((socket) => sockets.add(socket))
           server.listen(0, "127.0.0.1", () => resume(Effect.succeed(server)))
         }),
         (server) =>
           Effect.async<void>((resume) => {
+            for (const socket of sockets) socket.destroy()
             server.close(() => resume(Effect.void))
           })
       )
