@@ -2,7 +2,8 @@
  * The limiter store in Redis, shared by every replica: `reserve` and `settle` are each one atomic
  * Lua script on Redis's own clock (`TIME`), so limits stay exact across replicas.
  *
- * Key layout (`<prefix>` defaults to `gw:rl:`; `<key>` is the check's key, in a hash tag):
+ * Key layout (`<prefix>` defaults to `gw:rl:`; `<key>` is the check's key, wrapped in a hash tag
+ * unless it has one, as the rate limiter's `{k:<id>}:rpm` does for its subject):
  * - `<prefix>{<key>}:requests`, `<prefix>{<key>}:tokens` — token bucket, a hash `l` (level, may be
  *   fractional or negative) and `t` (ms of the last update); expires once it would be full again.
  * - `<prefix>{<key>}:concurrency` — sorted set of lease ids scored by their expiry time.
@@ -239,9 +240,13 @@ const unavailable = (cause: unknown) =>
 
 const kindCode = (check: Check) => (check.kind === "rate" ? "r" : check.kind === "concurrency" ? "c" : "b")
 
+const hashTag = /\{[^}]+\}/
+
 /** The store's key for a check; a budget's gets `:<period>` appended (in Lua at reserve). */
-const redisKey = (prefix: string, check: Check): string =>
-  `${prefix}{${check.key}}:${check.kind === "rate" ? check.limit : check.kind}`
+const redisKey = (prefix: string, check: Check): string => {
+  const key = hashTag.test(check.key) ? check.key : `{${check.key}}`
+  return `${prefix}${key}:${check.kind === "rate" ? check.limit : check.kind}`
+}
 
 export const make = (options: Options): Effect.Effect<LimiterStore["Type"]> =>
   Effect.sync(() => {

@@ -373,6 +373,10 @@ describe("RedisLimiterStore", () => {
       const after = MemoryLimiterStore.periodOf(Date.now(), "month")
       expect([`${key}:${before.suffix}`, `${key}:${after.suffix}`]).toContain(decision.keys[0])
       expect(decision.states[1]).toEqual({ remaining: 6, resetMs: 24_000 })
+      // The key layout operators see; a subject already in braces keeps its hash tag.
+      const subject = `{k:${crypto.randomUUID()}}`
+      yield* admit(store, [rate(`${subject}:tpm`, 10, 1)])
+      expect(yield* Effect.promise(() => replicas![0].exists(`${prefix}${subject}:tpm:tokens`))).toBe(1)
     })
   )
 
