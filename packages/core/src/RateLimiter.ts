@@ -86,6 +86,9 @@ export const formatReset = (ms: number): string => {
 
 const minute = 60_000
 
+/** What a client refused for concurrency is told to wait. */
+const concurrencyRetryMs = 1_000
+
 /** The checks a caller's limits ask for, with the request's estimate as the cost. */
 const checksOf = (principal: Principal, estimate: Usage): Array<LimiterStore.Check> => {
   const checks: Array<LimiterStore.Check> = []
@@ -196,7 +199,8 @@ const refusalOf = (
         scope: check.scope,
         capacity: check.capacity,
         requested: check.kind === "concurrency" ? 1 : check.cost,
-        retryAfterMs
+        // A slot frees when a running request ends, long before the store's lease would expire.
+        retryAfterMs: check.kind === "concurrency" ? Math.min(retryAfterMs, concurrencyRetryMs) : retryAfterMs
       })
 
 interface SettleJob {
