@@ -14,6 +14,8 @@ export interface LoadSpec {
   readonly concurrency: number
   readonly maxRequests: number
   readonly maxDurationMs: number
+  /** Extra request headers (e.g. `authorization`), on top of `content-type: application/json`. */
+  readonly headers?: Readonly<Record<string, string>>
 }
 
 export interface LoadResult {
@@ -29,6 +31,17 @@ export interface LoadResult {
   readonly firstError: string | undefined
 }
 
+/** The benchmarks' chat request to the simulated backend's model (`sim` unless told). */
+export const chatBody = (stream: boolean, model = "sim"): string =>
+  JSON.stringify({
+    model,
+    messages: [
+      { role: "system", content: "You are a helpful assistant." },
+      { role: "user", content: "Hello there, how are you today? Tell me something about latency." }
+    ],
+    stream
+  })
+
 /** A keep-alive connection pool sized for `connections` concurrent requests. */
 export const makeAgent = (connections: number): Agent =>
   new Agent({
@@ -39,7 +52,7 @@ export const makeAgent = (connections: number): Agent =>
     bodyTimeout: 15_000
   })
 
-const headers = { "content-type": "application/json" }
+const jsonHeaders: Readonly<Record<string, string>> = { "content-type": "application/json" }
 /** A content delta with at least one character (the role chunk carries `"content":""`). */
 const contentful = /"content":"(?:[^"\\]|\\.)/
 const carryLength = 64
@@ -55,6 +68,7 @@ export const run = async (agent: Agent, spec: LoadSpec): Promise<LoadResult> => 
   let firstError: string | undefined
   const start = performance.now()
   const deadline = start + spec.maxDurationMs
+  const headers = spec.headers === undefined ? jsonHeaders : { ...jsonHeaders, ...spec.headers }
 
   const fail = (reason: string): void => {
     errors++

@@ -312,3 +312,69 @@ export const selfCpuMs = (): number => {
   const usage = process.cpuUsage()
   return (usage.user + usage.system) / 1000
 }
+
+/** A run counts as noisy when other processes (or the hypervisor) took more than this % of a core. */
+export const noisyPct = 25
+
+/** CPU time of a process in ms; 0 once it is gone. */
+const cpuTimeOr0 = (pid: number): number => {
+  try {
+    return cpuTimeMs(pid)
+  } catch {
+    return 0
+  }
+}
+
+/**
+ * CPU used over `sampleMs` by everything but this process and `pids` (the benchmark's own), plus
+ * the time the hypervisor stole, in % of one core.
+ */
+export const otherCpuPct = async (sampleMs: number, pids: ReadonlyArray<number>): Promise<number> => {
+  const ours = () => selfCpuMs() + pids.reduce((t, pid) => t + cpuTimeOr0(pid), 0)
+  const sys0 = systemCpu()
+  const ours0 = ours()
+  const t0 = performance.now()
+  await new Promise((resolve) => setTimeout(resolve, sampleMs))
+  const ours1 = ours()
+  const sys1 = systemCpu()
+  const elapsed = performance.now() - t0
+  return (100 * (sys1.busyMs - sys0.busyMs - (ours1 - ours0) + sys1.stealMs - sys0.stealMs)) / elapsed
+}
+
+/** `--wait-quiet`: one budget of waiting for the whole run. */
+export interface QuietWaiter {
+  /**
+   * Waits while other processes use more than `noisyPct` % of a core, until `samples` quiet
+   * samples of `sampleMs` in a row; busy samples use up the budget. False when it ran out.
+   */
+  wait(samples: number, sampleMs: number, pids: ReadonlyArray<number>): Promise<boolean>
+  /** Time spent waiting so far, ms. */
+  waitedMs(): number
+}
+
+export const quietWaiter = (budgetMs: number, log: (line: string) => void): QuietWaiter => {
+  let budget = budgetMs
+  let waited = 0
+  return {
+    wait: async (samples, sampleMs, pids) => {
+      let quiet = 0
+      let logged = false
+      while (quiet < samples) {
+        if (budget <= 0) return false
+        const t0 = performance.now()
+        const pct = await otherCpuPct(sampleMs, pids)
+        if (pct < noisyPct) quiet++
+        else {
+          quiet = 0
+          const spent = performance.now() - t0
+          budget -= spent
+          waited += spent
+          if (!logged) log(`waiting for other processes to go quiet (${Math.round(pct)}% of a core)`)
+          logged = true
+        }
+      }
+      return true
+    },
+    waitedMs: () => waited
+  }
+}
