@@ -105,3 +105,89 @@ describe("SseRelay", () => {
     expect(await text).toBe('data: 1\n\ndata: {"error":{"message":"not recorded"}}\n\n')
   })
 })
+
+describe("SseRelay draining and filtering", () => {
+  const tick = () => new Promise((resolve) => setImmediate(resolve))
+  const wait = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms))
+  const usage = 'data: {"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":3,"total_tokens":8}}\n\n'
+
+  /** A relay whose client reads one chunk and then goes away. */
+  const disconnecting = async (drainMs: number) => {
+    const source = new PassThrough()
+    const seen: Array<string> = []
+    const calls: Array<string> = []
+    const out = SseRelay.relay(source, {
+      onBreak: () => breakEvent,
+      onChunk: (chunk) => seen.push(Buffer.from(chunk).toString()),
+      onDisconnect: () => calls.push("disconnect"),
+      onClientGone: (midAnswer) => calls.push(`gone:${midAnswer}`),
+      drainMs
+    })
+    const first = new Promise<void>((resolve) => out.once("data", () => resolve()))
+    source.write("data: 1\n\n")
+    await first
+    out.destroy()
+    return { source, seen, calls }
+  }
+
+  it("keeps reading the backend after the client left mid-answer, until the answer ends", async () => {
+    const { source, seen, calls } = await disconnecting(10_000)
+    expect(calls).toEqual(["disconnect"])
+    source.write("data: 2\n\n")
+    source.write(usage)
+    await tick()
+    expect(seen).toEqual(["data: 1\n\n", "data: 2\n\n", usage])
+    expect(calls).toEqual(["disconnect"])
+    expect(source.destroyed).toBe(false)
+    source.end()
+    await tick()
+    expect(calls).toEqual(["disconnect", "gone:true"])
+    expect(source.destroyed).toBe(true)
+  })
+
+  it("stops draining at [DONE], without waiting for the body to end", async () => {
+    const { source, seen, calls } = await disconnecting(10_000)
+    source.write(`${usage}data: [DONE]\n\n`)
+    await tick()
+    expect(seen).toEqual(["data: 1\n\n", usage])
+    expect(calls).toEqual(["disconnect", "gone:true"])
+    expect(source.destroyed).toBe(true)
+  })
+
+  it("gives up draining after drainMs and destroys the source", async () => {
+    const { source, calls } = await disconnecting(40)
+    await wait(5)
+    expect(source.destroyed).toBe(false)
+    expect(calls).toEqual(["disconnect"])
+    await new Promise<void>((resolve) => source.once("close", () => resolve()))
+    expect(calls).toEqual(["disconnect", "gone:true"])
+    // Ending later changes nothing.
+    await tick()
+    expect(calls).toEqual(["disconnect", "gone:true"])
+  })
+
+  it("without drainMs, stops at once when the client leaves", async () => {
+    const { source, calls } = await disconnecting(0)
+    expect(calls).toEqual(["disconnect", "gone:true"])
+    expect(source.destroyed).toBe(true)
+  })
+
+  it("forwards what the filter makes of the bytes, its held-back part before the final [DONE]", async () => {
+    const source = new PassThrough()
+    const seen: Array<string> = []
+    const out = SseRelay.relay(source, {
+      onBreak: () => breakEvent,
+      onChunk: (chunk) => seen.push(Buffer.from(chunk).toString()),
+      filter: {
+        push: (chunk) => new TextEncoder().encode(Buffer.from(chunk).toString().replace("secret", "******")),
+        flush: () => new TextEncoder().encode("data: held\n\n")
+      }
+    })
+    const text = collect(out)
+    source.write("data: secret\n\n")
+    source.end("data: [DONE]\n\n")
+    expect(await text).toBe("data: ******\n\ndata: held\n\ndata: [DONE]\n\n")
+    // The hooks see what the backend sent.
+    expect(seen).toEqual(["data: secret\n\n"])
+  })
+})
