@@ -55,8 +55,8 @@ export const secretOf = (headers: Readonly<Record<string, string | undefined>>):
     }
     return undefined
   }
-  const apiKey = headers["api-key"]
-  return apiKey === undefined || apiKey.length === 0 ? undefined : apiKey.trim()
+  const apiKey = headers["api-key"]?.trim()
+  return apiKey === undefined || apiKey.length === 0 ? undefined : apiKey
 }
 
 const missing = new Errors.Unauthorized({

@@ -76,7 +76,7 @@ const unlimited: Admission = { headers: noHeaders, settle: () => {} }
 
 /** A duration as OpenAI writes it in `x-ratelimit-reset-*`: `20ms`, `1s`, `6m0s`, `1h2m3s`. */
 export const formatReset = (ms: number): string => {
-  if (ms < 1000) return `${Math.max(0, Math.ceil(ms))}ms`
+  if (Math.ceil(ms) < 1000) return `${Math.max(0, Math.ceil(ms))}ms`
   const total = Math.ceil(ms / 1000)
   const h = Math.floor(total / 3600)
   const m = Math.floor((total % 3600) / 60)

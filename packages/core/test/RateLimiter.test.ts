@@ -93,6 +93,8 @@ describe("formatReset", () => {
   it("writes durations as OpenAI does in x-ratelimit-reset-*", () => {
     expect(RateLimiter.formatReset(20)).toBe("20ms")
     expect(RateLimiter.formatReset(0)).toBe("0ms")
+    // Just under a second rounds up to a second, written in seconds.
+    expect(RateLimiter.formatReset(999.5)).toBe("1s")
     expect(RateLimiter.formatReset(-5)).toBe("0ms")
     expect(RateLimiter.formatReset(999)).toBe("999ms")
     expect(RateLimiter.formatReset(1000)).toBe("1s")

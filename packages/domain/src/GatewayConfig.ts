@@ -114,7 +114,7 @@ export class LimitsConfig extends Schema.Class<LimitsConfig>("LimitsConfig")({
   ),
   /** How long an admission may wait for Redis before the failure policy applies. */
   redisTimeoutMs: snakeWithDefault("redis_timeout_ms", PositiveInt, () => 250),
-  /** Limits of keys created without any, and of tenants created implicitly. */
+  /** Limits of keys created without any (a tenant has none until some are set). */
   keyDefaults: snake("key_defaults", LimitsInput)
 }) {}
 
