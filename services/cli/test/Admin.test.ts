@@ -1,0 +1,232 @@
+/**
+ * The admin commands (`keys`, `usage`) as an operator runs them: the real CLI process against a
+ * real gateway (keys on, an admin key of its own) in front of the simulator. A key created by the
+ * CLI works at once, its new limit is enforced at once, its revocation refuses it, and its
+ * requests show in `usage`; a wrong, missing or unreachable gateway is said plainly.
+ */
+import { execFile } from "node:child_process"
+import { fileURLToPath } from "node:url"
+import { expect, layer } from "@effect/vitest"
+import { Context, Effect, Layer, Redacted } from "effect"
+import { messages, postChat } from "../../../test/support/Http.js"
+import * as Processes from "../../../test/support/Processes.js"
+import * as AdminClient from "../src/AdminClient.js"
+import * as UsageCommand from "../src/UsageCommand.js"
+
+const root = fileURLToPath(new URL("../../../", import.meta.url))
+const adminKey = `gw-admin-cli-test-${crypto.randomUUID().replaceAll("-", "")}`
+
+class Stack extends Context.Tag("test/cli/Admin/Stack")<
+  Stack,
+  { readonly sim: Processes.Sim; readonly gateway: Processes.Gateway }
+>() {
+  static readonly layer = Layer.scoped(
+    Stack,
+    Effect.gen(function* () {
+      const simPort = yield* Processes.freePort
+      const [sim, gateway] = yield* Effect.all(
+        [
+          Processes.startSim({
+            port: simPort,
+            model: "small",
+            ttftMs: 1,
+            itlMs: 1,
+            outputTokens: 5,
+            seed: 1
+          }),
+          Processes.startGateway(
+            {
+              server: { host: "127.0.0.1" },
+              models: [
+                {
+                  name: "small",
+                  pricing: { input_per_million_usd: 0.15, output_per_million_usd: 0.6 },
+                  backends: [{ id: "small-1", url: `http://127.0.0.1:${simPort}` }]
+                }
+              ]
+            },
+            { GATEWAY_AUTH: "on", ADMIN_KEY: adminKey }
+          )
+        ],
+        { concurrency: "unbounded" }
+      )
+      return { sim, gateway }
+    })
+  )
+}
+
+interface Run {
+  readonly code: number
+  readonly stdout: string
+  readonly stderr: string
+}
+
+/**
+ * Runs `pnpm cli <args>` (as node, from the repository root) with `GATEWAY_URL` and `ADMIN_KEY`
+ * as given, nothing of this process's own; checks that the admin key is nowhere in its output.
+ */
+const cli = (
+  args: ReadonlyArray<string>,
+  env: { readonly GATEWAY_URL?: string; readonly ADMIN_KEY?: string }
+) =>
+  Effect.async<Run>((resume) => {
+    const inherited = Object.fromEntries(
+      Object.entries(process.env).filter(
+        ([key]) => key !== "NODE_OPTIONS" && key !== "ADMIN_KEY" && key !== "GATEWAY_URL"
+      )
+    )
+    execFile(
+      process.execPath,
+      ["--import", "tsx", "services/cli/src/main.ts", ...args],
+      { cwd: root, timeout: 30_000, env: { ...inherited, ...env } },
+      (error, stdout, stderr) =>
+        resume(Effect.succeed({ code: error === null ? 0 : Number(error.code ?? -1), stdout, stderr }))
+    )
+  }).pipe(
+    Effect.tap((run) => {
+      expect(run.stdout + run.stderr).not.toContain(adminKey)
+    })
+  )
+
+/** The CLI as the operator of the test's gateway: its URL and admin key from the environment. */
+const operator = (...args: ReadonlyArray<string>) =>
+  Effect.flatMap(Stack, ({ gateway }) => cli(args, { GATEWAY_URL: gateway.url, ADMIN_KEY: adminKey }))
+
+/** Asserts a successful run and returns its stdout. */
+const succeeded = (run: Run): string => {
+  expect({ code: run.code, stderr: run.stderr }).toEqual({ code: 0, stderr: "" })
+  return run.stdout
+}
+
+const chat = (secret: string) =>
+  Effect.flatMap(Stack, ({ gateway }) =>
+    postChat(
+      gateway.url,
+      { model: "small", messages, max_tokens: 5 },
+      { headers: { authorization: `Bearer ${secret}` } }
+    ).pipe(
+      Effect.tap((res) => Effect.promise(() => res.arrayBuffer())),
+      Effect.map((res) => res.status)
+    )
+  )
+
+layer(Stack.layer, { excludeTestServices: true })("CLI admin commands", (it) => {
+  it.effect(
+    "a key's life: create (secret once), use, list, limit, revoke; its requests in usage",
+    () =>
+      Effect.gen(function* () {
+        const tenant = `cli-${crypto.randomUUID().slice(0, 8)}`
+        const args = `keys create --tenant ${tenant} --name ci --models small --meta team=search`
+        const created = succeeded(yield* operator(...args.split(" ")))
+        const secret = /^\s+(gw-[0-9A-Za-z]{43})$/m.exec(created)?.[1]
+        expect(secret, created).toBeDefined()
+        expect(created).toMatch(/will not be shown again/)
+        expect(created.split(secret!).length, "the secret is printed once").toBe(2)
+        const id = /^id\s+(key_\S+)$/m.exec(created)?.[1]
+        expect(id, created).toBeDefined()
+        expect(created).toMatch(new RegExp(`^tenant\\s+${tenant}$`, "m"))
+        expect(created).toMatch(/^models\s+small$/m)
+        expect(created).toMatch(/^metadata\s+team=search$/m)
+
+        expect(yield* chat(secret!)).toBe(200)
+
+        const [listed, limited] = yield* Effect.all(
+          [operator("keys", "list", "--tenant", tenant), operator("keys", "limits", id!, "--rpm", "1")],
+          { concurrency: "unbounded" }
+        )
+        const table = succeeded(listed).trimEnd().split("\n")
+        expect(table[0]).toMatch(
+          /^id\s+tenant\s+name\s+prefix\s+models\s+rpm\s+tpm\s+concurrency\s+budget\s+created\s+revoked$/
+        )
+        expect(table).toHaveLength(2)
+        expect(table[1]).toMatch(
+          new RegExp(`^${id}\\s+${tenant}\\s+ci\\s+${secret!.slice(0, 7)}…\\s+small\\s`)
+        )
+        expect(table[1]).not.toContain(secret)
+        expect(succeeded(limited)).toMatch(/^limits\s+rpm 1, tpm -, concurrency -, budget -$/m)
+
+        // One request a minute: of two quick ones, the second is refused.
+        const first = yield* chat(secret!)
+        const second = yield* chat(secret!)
+        expect([first, second]).toEqual([200, 429])
+
+        // Revoked, the key is refused; meanwhile its two completed requests reach the usage
+        // projection, which follows the log a few milliseconds behind.
+        const [revoked, usage] = yield* Effect.all(
+          [
+            operator("keys", "revoke", id!, "--reason", "rotated"),
+            Processes.eventually(
+              "usage shows the key's two completed requests",
+              Effect.map(operator("usage", "--json", "--key", id!, "--by", "key,model"), (run) => {
+                const report = JSON.parse(succeeded(run))
+                return report.total.requests >= 2 ? report : undefined
+              }),
+              "20 seconds"
+            )
+          ],
+          { concurrency: "unbounded" }
+        )
+        expect(succeeded(revoked)).toMatch(/^revoked\s+\S+Z \(rotated\)$/m)
+        expect(yield* chat(secret!)).toBe(401)
+
+        expect(usage.group_by).toEqual(["key", "model"])
+        expect(usage.data).toHaveLength(1)
+        expect(usage.data[0]).toMatchObject({ key: id, model: "small", requests: 2 })
+        expect(usage.data[0].prompt_tokens).toBeGreaterThan(0)
+        expect(usage.data[0].completion_tokens).toBeGreaterThan(0)
+        expect(usage.data[0].total_tokens).toBe(usage.data[0].prompt_tokens + usage.data[0].completion_tokens)
+        expect(usage.data[0].cost_usd).toBeGreaterThan(0)
+        expect(usage.total.requests).toBe(2)
+
+        // The same report as a table (rendered here: one more process would add seconds).
+        const rows = UsageCommand.render(usage)
+        expect(rows[0]).toMatch(/^Usage from \S+Z to \S+Z$/)
+        expect(rows[2]).toMatch(
+          /^key\s+model\s+requests\s+prompt_tokens\s+completion_tokens\s+total_tokens\s+cost_usd$/
+        )
+        const cost = usage.data[0].cost_usd.toFixed(6).replace(".", "\\.")
+        expect(rows[3]).toMatch(new RegExp(`^${id}\\s+small\\s+2\\s+\\d+\\s+\\d+\\s+\\d+\\s+${cost}$`))
+        expect(rows[4]).toMatch(new RegExp(`^total\\s+2\\s+\\d+\\s+\\d+\\s+\\d+\\s+${cost}$`))
+      }),
+    { timeout: 60_000, concurrent: true }
+  )
+
+  it.effect(
+    "a wrong or missing admin key, or no gateway at the URL: a clear error, non-zero exit",
+    () =>
+      Effect.gen(function* () {
+        const { gateway } = yield* Stack
+        const unused = yield* Processes.freePort
+        const [wrong, missing] = yield* Effect.all(
+          [
+            cli(["keys", "list"], { GATEWAY_URL: gateway.url, ADMIN_KEY: "gw-not-the-admin-key" }),
+            cli(["usage"], { GATEWAY_URL: gateway.url })
+          ],
+          { concurrency: "unbounded" }
+        )
+        expect(wrong.code).not.toBe(0)
+        expect(wrong.stdout).toBe("")
+        expect(wrong.stderr.trim()).toBe(
+          "error: Incorrect API key provided. You can find your API keys with your gateway's administrator."
+        )
+        expect(missing.code).not.toBe(0)
+        expect(missing.stderr.trim()).toBe(
+          "error: no admin key: set ADMIN_KEY or pass --admin-key (the gateway's ADMIN_KEY)."
+        )
+        // Nothing listening: the client's error names the URL (in this process: one CLI process
+        // fewer, and the CLI prints any error's message the same way).
+        const unreachable = yield* AdminClient.AdminClient.pipe(
+          Effect.flatMap((client) => client.listKeys({})),
+          Effect.provide(
+            AdminClient.layer({ url: `http://127.0.0.1:${unused}/`, adminKey: Redacted.make(adminKey) })
+          ),
+          Effect.flip
+        )
+        expect(unreachable).toMatchObject({
+          reason: "Unreachable",
+          message: `cannot reach the gateway at http://127.0.0.1:${unused}: connection refused (is the gateway running there? set --url or GATEWAY_URL)`
+        })
+      }),
+    { timeout: 60_000, concurrent: true }
+  )
+})
