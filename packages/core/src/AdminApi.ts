@@ -175,7 +175,7 @@ export const make = Effect.gen(function* () {
         .unsafe<Record<string, unknown>>(
           `SELECT ${select}${columns.length > 0 ? "," : ""}
              sum(requests)::bigint AS requests, sum(prompt_tokens)::bigint AS prompt_tokens,
-             sum(completion_tokens)::bigint AS completion_tokens, coalesce(sum(cost_usd), 0)::text AS cost_usd
+             sum(completion_tokens)::bigint AS completion_tokens, round(coalesce(sum(cost_usd), 0), 9)::text AS cost_usd
            FROM usage_hourly
            WHERE hour >= date_trunc('hour', $1::timestamptz) AND hour < $2::timestamptz ${filters.join(" ")}
            ${columns.length > 0 ? `GROUP BY ${columns.join(", ")} ORDER BY ${columns.join(", ")}` : ""}`,
@@ -191,7 +191,8 @@ export const make = Effect.gen(function* () {
         const out: Record<string, unknown> = {}
         for (const g of groups) {
           const value = row[groupColumns[g]]
-          out[g] = value instanceof Date ? value.toISOString() : value
+          // Requests made without a key (auth off) are kept under the empty id: shown as null.
+          out[g] = value instanceof Date ? value.toISOString() : value === "" ? null : value
         }
         const prompt = Number(row.prompt_tokens ?? 0)
         const completion = Number(row.completion_tokens ?? 0)

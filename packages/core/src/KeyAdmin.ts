@@ -55,6 +55,21 @@ export interface KeyChange {
 
 const isTenantId = (id: string) => /^[A-Za-z0-9._-]{1,64}$/.test(id)
 
+/** `input` over `base`, refusing a budget period without a budget to apply it to. */
+const limitsOver = (
+  base: Tenancy.Limits,
+  input: Tenancy.LimitsInput
+): Effect.Effect<Tenancy.Limits, Errors.InvalidRequest> =>
+  input.budget_period !== undefined && input.budget_usd == null && base.budget === undefined
+    ? Effect.fail(
+        new Errors.InvalidRequest({
+          message: "'budget_period' needs a budget: set 'budget_usd' too.",
+          param: "limits.budget_period",
+          code: "invalid_value"
+        })
+      )
+    : Effect.succeed(Tenancy.applyLimits(base, input))
+
 export class KeyAdmin extends Effect.Service<KeyAdmin>()("@gateway/core/KeyAdmin", {
   effect: Effect.gen(function* () {
     const store = yield* EventStore.EventStore
@@ -95,13 +110,12 @@ export class KeyAdmin extends Effect.Service<KeyAdmin>()("@gateway/core/KeyAdmin
           })
         }
         const tenantId = Ids.TenantId.make(input.id)
+        const limits =
+          input.limits === undefined ? Tenancy.noLimits : yield* limitsOver(Tenancy.noLimits, input.limits)
         const event = new Tenancy.TenantCreated({
           tenantId,
           name: input.name ?? input.id,
-          limits:
-            input.limits === undefined
-              ? Tenancy.noLimits
-              : Tenancy.applyLimits(Tenancy.noLimits, input.limits),
+          limits,
           ...(input.metadata === undefined ? {} : { metadata: input.metadata }),
           by
         })
@@ -131,7 +145,7 @@ export class KeyAdmin extends Effect.Service<KeyAdmin>()("@gateway/core/KeyAdmin
         const tenant = yield* tenantOf(id)
         const event = new Tenancy.TenantLimitsChanged({
           tenantId: tenant.tenantId,
-          limits: Tenancy.applyLimits(tenant.limits, limits),
+          limits: yield* limitsOver(tenant.limits, limits),
           by
         })
         yield* append(Tenancy.tenantStream(tenant.tenantId), event, tenant.version, requestId).pipe(
@@ -168,8 +182,8 @@ export class KeyAdmin extends Effect.Service<KeyAdmin>()("@gateway/core/KeyAdmin
           hash: hashSecret(secret),
           prefix: secret.slice(0, 7),
           models: input.models === undefined || input.models === null ? null : [...input.models],
-          limits:
-            input.limits === undefined ? defaultLimits : Tenancy.applyLimits(Tenancy.noLimits, input.limits),
+          // The configured defaults, with what the request sets over them (`null` removes one).
+          limits: input.limits === undefined ? defaultLimits : yield* limitsOver(defaultLimits, input.limits),
           scopes: [...(input.scopes ?? [])],
           ...(input.metadata === undefined ? {} : { metadata: input.metadata }),
           by
@@ -186,9 +200,17 @@ export class KeyAdmin extends Effect.Service<KeyAdmin>()("@gateway/core/KeyAdmin
     const changeKey = (id: string, change: KeyChange, by: string, requestId: Ids.RequestId) =>
       Effect.gen(function* () {
         const key = yield* keyOf(id)
+        if (change.limits === undefined && change.models === undefined) {
+          return yield* new Errors.InvalidRequest({
+            message: "Nothing to change: give 'limits' or 'models'.",
+            param: null,
+            code: "missing_required_parameter"
+          })
+        }
+        const limits = change.limits === undefined ? undefined : yield* limitsOver(key.limits, change.limits)
         const event = new Tenancy.KeyLimitsChanged({
           keyId: key.keyId,
-          ...(change.limits === undefined ? {} : { limits: Tenancy.applyLimits(key.limits, change.limits) }),
+          ...(limits === undefined ? {} : { limits }),
           ...(change.models === undefined
             ? {}
             : { models: change.models === null ? null : [...change.models] }),
