@@ -70,8 +70,9 @@ class Stack extends Context.Tag("test/Limits/Stack")<
           Processes.startGatewayOn(
             gatewayConfig(simUrl, {
               redis_failure: redisFailure,
-              // The outage gateways give up on Redis quickly; the replicas wait for it.
-              redis_timeout_ms: redisUrl === Redis.sharedUrl ? 1000 : 100
+              // The outage gateways give up on Redis soon (not so soon that a loaded CI machine
+              // looks like an outage); the replicas wait for it.
+              redis_timeout_ms: redisUrl === Redis.sharedUrl ? 1000 : 400
             }),
             { databaseUrl, spoolDir, env: Admin.authEnv(adminKey, redisUrl) }
           )
