@@ -6,9 +6,11 @@
  * A request names every bucket it must pass; `reserve` admits it only if all of them have room,
  * and then takes from all of them at once (all or nothing). `settle` gives back what the request
  * did not use (or takes what it used beyond its reservation) and frees its concurrency slot.
+ * `cancel` undoes a reservation its caller gave up on (the reserve failed or timed out, but may
+ * still have been applied, or be applied later).
  */
-import { Context, Schema } from "effect"
 import type { Effect } from "effect"
+import { Context, Schema } from "effect"
 
 /** Whose limit a check enforces. */
 export type Scope = "key" | "tenant"
@@ -85,6 +87,11 @@ export type Decision =
       /** When that check would have room for this request. */
       readonly retryAfterMs: number
       readonly states: ReadonlyArray<CheckState>
+      /**
+       * The reservation had been cancelled before it arrived: nothing was checked or taken
+       * (`failed` and `retryAfterMs` are 0, every state is zero).
+       */
+      readonly cancelled?: true
     }
 
 export interface SettleRequest {
@@ -114,5 +121,11 @@ export class LimiterStore extends Context.Tag("@gateway/core/LimiterStore")<
     readonly kind: string
     readonly reserve: (request: ReserveRequest) => Effect.Effect<Decision, LimiterStoreUnavailable>
     readonly settle: (request: SettleRequest) => Effect.Effect<void, LimiterStoreUnavailable>
+    /**
+     * The caller gave up on this reservation (its reserve failed or timed out): if the store applied
+     * it, everything it took is given back; if not yet, it never will be (that reserve refuses).
+     * Idempotent; after a `settle` of the same lease it changes nothing.
+     */
+    readonly cancel: (request: ReserveRequest) => Effect.Effect<void, LimiterStoreUnavailable>
   }
 >() {}

@@ -94,8 +94,18 @@ interface View {
   readonly apply: () => void
 }
 
+/** An admitted reservation not settled yet: what `cancel` needs to give it back. */
+interface Held {
+  readonly keys: ReadonlyArray<string>
+  readonly expiresAt: number
+}
+
 export const make: Effect.Effect<LimiterStore["Type"]> = Effect.sync(() => {
   const entries = new Map<string, Entry>()
+  /** Lease id → its admission, until settled, cancelled or its lease expires. */
+  const held = new Map<string, Held>()
+  /** Lease id → until when a reserve of it refuses (it was cancelled before it arrived). */
+  const cancelled = new Map<string, number>()
   let lastSweep = Number.NEGATIVE_INFINITY
 
   const pruneLeases = (entry: SlotsEntry, now: number) => {
@@ -114,6 +124,8 @@ export const make: Effect.Effect<LimiterStore["Type"]> = Effect.sync(() => {
       if (entry.kind === "concurrency") pruneLeases(entry, now)
       if (entry.expiresAt <= now) entries.delete(id)
     }
+    for (const [lease, h] of held) if (h.expiresAt <= now) held.delete(lease)
+    for (const [lease, until] of cancelled) if (until <= now) cancelled.delete(lease)
   }
 
   /** The bucket's level now: refilled since its last update, never above capacity; absent is full. */
@@ -227,6 +239,10 @@ export const make: Effect.Effect<LimiterStore["Type"]> = Effect.sync(() => {
 
   const decide = (request: ReserveRequest, now: number): Decision => {
     sweep(now)
+    if ((cancelled.get(request.leaseId) ?? 0) > now) {
+      const states = request.checks.map(() => ({ remaining: 0, resetMs: 0 }))
+      return { admitted: false, failed: 0, retryAfterMs: 0, states, cancelled: true }
+    }
     const views = request.checks.map((check) => view(check, request, now))
     const failed = views.findIndex((v) => !v.ok)
     if (failed >= 0) {
@@ -234,7 +250,9 @@ export const make: Effect.Effect<LimiterStore["Type"]> = Effect.sync(() => {
       return { admitted: false, failed, retryAfterMs: views[failed]!.retryAfterMs, states }
     }
     for (const v of views) v.apply()
-    return { admitted: true, states: views.map((v) => v.admittedState), keys: views.map((v) => v.key) }
+    const keys = views.map((v) => v.key)
+    held.set(request.leaseId, { keys, expiresAt: now + request.leaseTtlMs })
+    return { admitted: true, states: views.map((v) => v.admittedState), keys }
   }
 
   const settleOne = (request: SettleRequest, index: number, now: number) => {
@@ -273,13 +291,28 @@ export const make: Effect.Effect<LimiterStore["Type"]> = Effect.sync(() => {
     }
   }
 
+  const settle = (request: SettleRequest, now: number) => {
+    held.delete(request.leaseId)
+    for (let i = 0; i < request.checks.length; i++) settleOne(request, i, now)
+  }
+
+  /** A reserve here never outlives its caller: give back a known admission as if nothing was used. */
+  const cancel = (request: ReserveRequest, now: number) => {
+    if ((cancelled.get(request.leaseId) ?? 0) > now) return
+    const admission = held.get(request.leaseId)
+    if (admission !== undefined && admission.expiresAt > now) {
+      const actual = request.checks.map(() => 0)
+      settle({ leaseId: request.leaseId, checks: request.checks, keys: admission.keys, actual }, now)
+    }
+    held.delete(request.leaseId)
+    cancelled.set(request.leaseId, now + request.leaseTtlMs)
+  }
+
   return LimiterStore.of({
     kind: "memory",
     reserve: (request) => Effect.map(Clock.currentTimeMillis, (now) => decide(request, now)),
-    settle: (request) =>
-      Effect.map(Clock.currentTimeMillis, (now) => {
-        for (let i = 0; i < request.checks.length; i++) settleOne(request, i, now)
-      })
+    settle: (request) => Effect.map(Clock.currentTimeMillis, (now) => settle(request, now)),
+    cancel: (request) => Effect.map(Clock.currentTimeMillis, (now) => cancel(request, now))
   })
 })
 

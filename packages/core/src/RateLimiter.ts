@@ -8,6 +8,8 @@
  * admits against a local bucket of the same limits on this replica (a guard, not exactness),
  * `fail_closed` refuses with a 503. Either way the request never waits long: after a failure the
  * store is skipped for a second before it is tried again, and the outage is logged and counted.
+ * A reservation the store failed to answer may still be applied once it does: it is cancelled in
+ * the background (retried for a while), so it never holds a slot or a charge for nothing.
  */
 import { Errors } from "@gateway/domain"
 import { Clock, Context, Effect, Layer, Queue, Ref, Schedule } from "effect"
@@ -215,6 +217,19 @@ const settleRetry = Schedule.exponential("50 millis").pipe(
 )
 
 /**
+ * Retries of a cancel: the store just failed, so it may be away a while; the same backoff, capped
+ * at 2 s a try, for up to 30 s (a reservation it took meanwhile would otherwise hold for its lease).
+ */
+const cancelRetry = Schedule.exponential("50 millis").pipe(
+  Schedule.union(Schedule.spaced("2 seconds")),
+  Schedule.jittered,
+  Schedule.upTo("30 seconds")
+)
+
+/** Background cancels at once: each may wait out an outage, apart from the settlements. */
+const cancelWorkers = 64
+
+/**
  * The limiter on `shared` (Redis, or memory when that is all there is), with a memory store of its
  * own as the fail-open guard. Settlements run on a background worker in the layer's scope.
  */
@@ -249,6 +264,28 @@ export const make = (options: Options) =>
       Effect.forever,
       Effect.forkScoped
     )
+
+    // Reserves the shared store failed (or that were interrupted) may still be applied when it
+    // answers again: each is cancelled, on workers of their own so settlements never wait on them.
+    const cancels = yield* Queue.dropping<LimiterStore.ReserveRequest>(65_536)
+    const cancelOne = (request: LimiterStore.ReserveRequest) =>
+      shared.cancel(request).pipe(
+        Effect.retry(cancelRetry),
+        Effect.catchAll((error) =>
+          Effect.logWarning(
+            "a failed rate-limit reservation could not be cancelled; it expires with its lease",
+            {
+              store: shared.kind,
+              error: error.detail
+            }
+          )
+        )
+      )
+    for (let i = 0; i < cancelWorkers; i++) {
+      yield* Queue.take(cancels).pipe(Effect.flatMap(cancelOne), Effect.forever, Effect.forkScoped)
+    }
+    const cancelLater = (request: LimiterStore.ReserveRequest) =>
+      Effect.sync(() => Queue.unsafeOffer(cancels, request))
 
     const count = (check: LimiterStore.Check) => {
       if (check.kind === "budget") refused.budget++
@@ -298,6 +335,7 @@ export const make = (options: Options) =>
         const now = yield* Clock.currentTimeMillis
         const first = downUntil === 0
         downUntil = now + backoffMs
+        yield* cancelLater(request)
         yield* Ref.update(failures, (n) => n + 1)
         if (first) {
           yield* Effect.logError("rate limiter store unavailable", {
@@ -339,6 +377,7 @@ export const make = (options: Options) =>
       return Effect.flatMap(Clock.currentTimeMillis, (now) => {
         if (downUntil !== 0 && now < downUntil) return admitLocally(request)
         return shared.reserve(request).pipe(
+          Effect.onInterrupt(() => cancelLater(request)),
           Effect.tap(() => {
             if (downUntil === 0) return Effect.void
             downUntil = 0

@@ -1,6 +1,6 @@
 /**
- * The limiter store in Redis, shared by every replica: `reserve` and `settle` are each one atomic
- * Lua script on Redis's own clock (`TIME`), so limits stay exact across replicas.
+ * The limiter store in Redis, shared by every replica: `reserve`, `settle` and `cancel` are each one
+ * atomic Lua script on Redis's own clock (`TIME`), so limits stay exact across replicas.
  *
  * Key layout (`<prefix>` defaults to `gw:rl:`; `<key>` is the check's key, wrapped in a hash tag
  * unless it has one, as the rate limiter's `{k:<id>}:rpm` does for its subject):
@@ -9,6 +9,10 @@
  * - `<prefix>{<key>}:concurrency` — sorted set of lease ids scored by their expiry time.
  * - `<prefix>{<key>}:budget:<period>` — spend counter of the UTC period (`2026-11`, `2026-11-21`),
  *   kept 40 days after the period ends.
+ * - `<prefix>{<tag>}:lease:<lease id>` — one admitted reservation's undo record, `a` then per check
+ *   its kind, cost and budget period (`-` for others), e.g. `a r 1 - c 0 - b 400 2026-11`; or the
+ *   tombstone `x` a cancel leaves, which makes a reserve of that lease arriving later refuse.
+ *   `<tag>` is the hash tag of the request's first check; it lives `leaseTtlMs`, `settle` deletes it.
  *
  * The hash tag keeps all of one subject's buckets in one Cluster slot, but a request checks its key
  * and its tenant in one script, which Redis Cluster only allows within one slot: single-node Redis
@@ -39,7 +43,7 @@ export interface Options {
   readonly timeoutMs?: number
 }
 
-/** Lua helpers shared by both scripts. */
+/** Lua helpers shared by the scripts. */
 const prelude = `
 local EPS = 1e-9
 local DAY = 86400000
@@ -115,16 +119,27 @@ end
 `
 
 /**
- * KEYS: one per check (a budget's without its period). ARGV: now ('' = TIME), lease id, lease TTL,
- * check count, then per check kind (r/c/b), capacity, window ms or period, cost.
- * Returns admitted (1/0), failed index (-1), retry-after ms, then per check remaining, reset ms and
- * the budget period ('' for others).
+ * KEYS: one per check (a budget's without its period), then the lease marker. ARGV: now ('' = TIME),
+ * lease id, lease TTL, check count, then per check kind (r/c/b), capacity, window ms or period, cost.
+ * Returns admitted (1/0), failed index (-1; -1 with admitted 0: cancelled), retry-after ms, then per
+ * check remaining, reset ms and the budget period ('' for others).
  */
 const reserveLua = `${prelude}
 local now = clock(ARGV[1])
 local lease = ARGV[2]
 local ttl = tonumber(ARGV[3])
 local n = tonumber(ARGV[4])
+local marker = KEYS[n + 1]
+if redis.call('GET', marker) == 'x' then
+  -- Cancelled before it arrived: its caller is gone, take nothing.
+  local out = { 0, -1, 0 }
+  for i = 1, n do
+    out[#out + 1] = 0
+    out[#out + 1] = 0
+    out[#out + 1] = ''
+  end
+  return out
+end
 local views = {}
 local failed = -1
 local retry = 0
@@ -133,7 +148,7 @@ for i = 1, n do
   local kind, cap, arg, cost = ARGV[b + 1], tonumber(ARGV[b + 2]), ARGV[b + 3], tonumber(ARGV[b + 4])
   local key = KEYS[i]
   -- remaining/reset: the state as it is; a_remaining/a_reset: once this request is admitted.
-  local v = { kind = kind, key = key, suffix = '', reset = 0, a_reset = 0 }
+  local v = { kind = kind, key = key, suffix = '', reset = 0, a_reset = 0, cost = cost }
   if kind == 'r' then
     local window = tonumber(arg)
     local level = rate_level(key, cap, window, now)
@@ -159,7 +174,7 @@ for i = 1, n do
     v.retry = math.max(1, earliest - now)
   else
     local suffix, ends = period_of(now, arg)
-    v.suffix, v.key, v.ends, v.cost = suffix, key .. ':' .. suffix, ends, cost
+    v.suffix, v.key, v.ends = suffix, key .. ':' .. suffix, ends
     local spent = tonumber(redis.call('GET', v.key) or '0')
     v.ok = spent + cost <= cap
     v.remaining, v.a_remaining = whole(cap - spent), whole(cap - spent - cost)
@@ -171,18 +186,23 @@ for i = 1, n do
   views[i] = v
 end
 if failed < 0 then
+  local undo = { 'a' }
   for i = 1, n do
     local v = views[i]
     if v.kind == 'r' then
       rate_store(v.key, v.level, v.cap, v.window, now)
+      undo[#undo + 1] = 'r ' .. num(v.cost) .. ' -'
     elseif v.kind == 'c' then
       redis.call('ZADD', v.key, now + ttl, lease)
       if redis.call('PTTL', v.key) < ttl then redis.call('PEXPIRE', v.key, ttl) end
+      undo[#undo + 1] = 'c 0 -'
     else
       redis.call('INCRBYFLOAT', v.key, num(v.cost))
       redis.call('PEXPIRE', v.key, v.ends - now + 40 * DAY)
+      undo[#undo + 1] = 'b ' .. num(v.cost) .. ' ' .. v.suffix
     end
   end
+  redis.call('SET', marker, table.concat(undo, ' '), 'PX', math.max(1, math.ceil(ttl)))
 end
 local out = { failed < 0 and 1 or 0, failed, retry }
 for i = 1, n do
@@ -200,8 +220,8 @@ return out
 `
 
 /**
- * KEYS: one per check (a budget's with its period). ARGV: now ('' = TIME), lease id, check count,
- * then per check kind (r/c/b), capacity, window ms, actual - reserved.
+ * KEYS: one per check (a budget's with its period), then the lease marker. ARGV: now ('' = TIME),
+ * lease id, check count, then per check kind (r/c/b), capacity, window ms, actual - reserved.
  */
 const settleLua = `${prelude}
 local now = clock(ARGV[1])
@@ -224,12 +244,58 @@ for i = 1, n do
     if redis.call('PTTL', key) < 0 then redis.call('PEXPIRE', key, 40 * DAY) end
   end
 end
+redis.call('DEL', KEYS[n + 1])
 return 1
+`
+
+/**
+ * KEYS: one per check (a budget's without its period), then the lease marker. ARGV: now ('' = TIME),
+ * lease id, lease TTL, check count, then per check kind (r/c/b), capacity, window ms.
+ * An admitted lease gives back exactly what its marker records; either way the marker ends as a
+ * tombstone, so a reserve of this lease still on its way refuses. Returns 1 if it undid an admission.
+ */
+const cancelLua = `${prelude}
+local now = clock(ARGV[1])
+local lease = ARGV[2]
+local ttl = tonumber(ARGV[3])
+local n = tonumber(ARGV[4])
+local marker = KEYS[n + 1]
+local record = redis.call('GET', marker)
+if record == 'x' then return 0 end
+local undone = 0
+if record then
+  local undo = {}
+  for word in string.gmatch(record, '%S+') do undo[#undo + 1] = word end
+  for i = 1, n do
+    local b = 4 + (i - 1) * 3
+    local kind, cap, window = ARGV[b + 1], tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
+    local u = 2 + (i - 1) * 3
+    local cost, suffix = tonumber(undo[u + 1]), undo[u + 2]
+    local key = KEYS[i]
+    -- A record that does not match the request (never written so) is left alone.
+    local matches = undo[u] == kind and cost ~= nil
+    if matches and kind == 'r' and cost ~= 0 then
+      local level = rate_level(key, cap, window, now) + cost
+      if level > cap then level = cap end
+      rate_store(key, level, cap, window, now)
+    elseif matches and kind == 'c' then
+      redis.call('ZREM', key, lease)
+    elseif matches and kind == 'b' and cost ~= 0 then
+      -- A counter gone meanwhile (expired, or reset by an operator) has nothing to give back.
+      local spend = key .. ':' .. suffix
+      if redis.call('EXISTS', spend) == 1 then redis.call('INCRBYFLOAT', spend, num(-cost)) end
+    end
+  end
+  undone = 1
+end
+redis.call('SET', marker, 'x', 'PX', math.max(1, math.ceil(ttl)))
+return undone
 `
 
 interface Scripts {
   readonly gatewayLimiterReserve: (...args: ReadonlyArray<string | number>) => Promise<unknown>
   readonly gatewayLimiterSettle: (...args: ReadonlyArray<string | number>) => Promise<unknown>
+  readonly gatewayLimiterCancel: (...args: ReadonlyArray<string | number>) => Promise<unknown>
 }
 
 /** I/O timeouts run on the real clock, even where a `TestClock` drives the limits' time. */
@@ -248,6 +314,13 @@ const redisKey = (prefix: string, check: Check): string => {
   return `${prefix}${key}:${check.kind === "rate" ? check.limit : check.kind}`
 }
 
+/** A lease's marker: in the hash tag of the request's first check, so it shares that check's slot. */
+const markerKey = (prefix: string, leaseId: string, checks: ReadonlyArray<Check>): string => {
+  const first = checks[0]
+  const tag = first === undefined ? `{${leaseId}}` : (hashTag.exec(first.key)?.[0] ?? `{${first.key}}`)
+  return `${prefix}${tag}:lease:${leaseId}`
+}
+
 export const make = (options: Options): Effect.Effect<LimiterStore["Type"]> =>
   Effect.sync(() => {
     const { redis } = options
@@ -255,6 +328,7 @@ export const make = (options: Options): Effect.Effect<LimiterStore["Type"]> =>
     const timeout = Duration.millis(options.timeoutMs ?? 250)
     redis.defineCommand("gatewayLimiterReserve", { lua: reserveLua })
     redis.defineCommand("gatewayLimiterSettle", { lua: settleLua })
+    redis.defineCommand("gatewayLimiterCancel", { lua: cancelLua })
     const scripts = redis as unknown as Scripts
 
     const now: Effect.Effect<string> =
@@ -273,6 +347,7 @@ export const make = (options: Options): Effect.Effect<LimiterStore["Type"]> =>
     const reserve = (request: ReserveRequest) =>
       Effect.flatMap(now, (time) => {
         const keys = request.checks.map((check) => redisKey(prefix, check))
+        keys.push(markerKey(prefix, request.leaseId, request.checks))
         const args: Array<string | number> = [keys.length, ...keys, time, request.leaseId]
         args.push(request.leaseTtlMs, request.checks.length)
         for (const check of request.checks) {
@@ -298,7 +373,9 @@ export const make = (options: Options): Effect.Effect<LimiterStore["Type"]> =>
           const used = request.keys[i]
           return check.kind === "budget" && used !== undefined ? key + used.slice(check.key.length) : key
         })
-        const args: Array<string | number> = [keys.length, ...keys, time, request.leaseId, keys.length]
+        const n = keys.length
+        keys.push(markerKey(prefix, request.leaseId, request.checks))
+        const args: Array<string | number> = [keys.length, ...keys, time, request.leaseId, n]
         request.checks.forEach((check, i) => {
           // A budget without the key of its admission has no period to settle.
           const diff =
@@ -320,7 +397,24 @@ export const make = (options: Options): Effect.Effect<LimiterStore["Type"]> =>
         })
       )
 
-    return LimiterStore.of({ kind: "redis", reserve, settle })
+    const cancel = (request: ReserveRequest) =>
+      Effect.flatMap(now, (time) => {
+        const keys = request.checks.map((check) => redisKey(prefix, check))
+        keys.push(markerKey(prefix, request.leaseId, request.checks))
+        const args: Array<string | number> = [keys.length, ...keys, time, request.leaseId]
+        args.push(request.leaseTtlMs, request.checks.length)
+        for (const check of request.checks) {
+          args.push(kindCode(check), check.capacity, check.kind === "rate" ? check.windowMs : 0)
+        }
+        return run(() => scripts.gatewayLimiterCancel(...args))
+      }).pipe(
+        Effect.asVoid,
+        Effect.withSpan("LimiterStore.cancel", {
+          attributes: { "limiter.store": "redis", "limiter.checks": request.checks.length }
+        })
+      )
+
+    return LimiterStore.of({ kind: "redis", reserve, settle, cancel })
   })
 
 /** The reserve script's reply as a `Decision`. */
@@ -339,10 +433,12 @@ const decode = (
     const suffix = String(reply[5 + 3 * i])
     keys.push(check.kind === "budget" ? `${check.key}:${suffix}` : check.key)
   })
+  if (Number(reply[0]) === 1) return Effect.succeed({ admitted: true, states, keys })
+  const failed = Number(reply[1])
   return Effect.succeed(
-    Number(reply[0]) === 1
-      ? { admitted: true, states, keys }
-      : { admitted: false, failed: Number(reply[1]), retryAfterMs: Number(reply[2]), states }
+    failed < 0
+      ? { admitted: false, failed: 0, retryAfterMs: 0, states, cancelled: true }
+      : { admitted: false, failed, retryAfterMs: Number(reply[2]), states }
   )
 }
 

@@ -10,8 +10,9 @@ import type {
 } from "@gateway/core/LimiterStore"
 import * as MemoryLimiterStore from "@gateway/core/MemoryLimiterStore"
 import * as RedisLimiterStore from "@gateway/core/RedisLimiterStore"
-import { Effect, Exit, Scope, TestClock } from "effect"
+import { Effect, Exit, Schedule, Scope, TestClock } from "effect"
 import { Redis } from "ioredis"
+import { startPrivate } from "../../../test/support/Redis.js"
 
 type Store = LimiterStore["Type"]
 
@@ -63,6 +64,9 @@ const settle = (
   admission: { leaseId: string; checks: ReadonlyArray<Check>; keys: ReadonlyArray<string> },
   actual: ReadonlyArray<number>
 ) => store.settle({ leaseId: admission.leaseId, checks: admission.checks, keys: admission.keys, actual })
+
+const cancel = (store: Store, checks: ReadonlyArray<Check>, leaseId: string) =>
+  store.cancel({ leaseId, checks, leaseTtlMs: LEASE_TTL })
 
 const remainingOf = (decision: Decision, index = 0) => decision.states[index]?.remaining
 
@@ -308,6 +312,79 @@ const contract = (name: string, stores: () => Effect.Effect<readonly [Store, Sto
       })
     )
 
+    it.effect("cancel of an admitted reservation gives back everything it took, exactly", () =>
+      Effect.gen(function* () {
+        const s = yield* store
+        const [r, c, b] = [uniqueKey("rate"), uniqueKey("slots"), uniqueKey("spend")]
+        const checks = [rate(r, 10, 4), concurrency(c, 1), budget(b, 1_000, 400)]
+        const lease = crypto.randomUUID()
+        yield* admit(s, checks, lease)
+        expect(yield* reserve(s, [concurrency(c, 1)])).toMatchObject({ admitted: false, failed: 0 })
+
+        yield* cancel(s, checks, lease)
+        // The clock stands still: only the cancel can have refilled the bucket.
+        expect(yield* admit(s, [rate(r, 10, 10), concurrency(c, 1), budget(b, 1_000, 1_000)])).toMatchObject({
+          states: [
+            { remaining: 0, resetMs: MINUTE },
+            { remaining: 0, resetMs: 0 },
+            { remaining: 0, resetMs: expect.any(Number) }
+          ]
+        })
+        // The lease is spent: a late duplicate of its reserve takes nothing.
+        expect(yield* reserve(s, checks, lease)).toMatchObject({ admitted: false, cancelled: true })
+      })
+    )
+
+    it.effect("cancel twice gives back once, and a cancel after settle changes nothing", () =>
+      Effect.gen(function* () {
+        const s = yield* store
+        const [r, c, b] = [uniqueKey("rate"), uniqueKey("slots"), uniqueKey("spend")]
+        const checks = (cost: number) => [rate(r, 10, cost), concurrency(c, 2), budget(b, 1_000, cost * 100)]
+        const lease = crypto.randomUUID()
+        yield* admit(s, checks(4), lease)
+        const other = yield* admit(s, checks(3))
+        yield* cancel(s, checks(4), lease)
+        yield* cancel(s, checks(4), lease)
+        // Only `other` holds: 3 tokens, one slot, 300 spent.
+        expect((yield* reserve(s, [rate(r, 10, 8)])).admitted).toBe(false)
+        expect((yield* reserve(s, [budget(b, 1_000, 701)])).admitted).toBe(false)
+        const third = yield* admit(s, checks(7))
+        expect(third.states.map((state) => state.remaining)).toEqual([0, 0, 0])
+
+        // A settled reservation ran: cancelling it afterwards gives nothing back.
+        yield* settle(s, other, [3, 0, 300])
+        yield* cancel(s, other.checks, other.leaseId)
+        expect((yield* reserve(s, [rate(r, 10, 1)])).admitted).toBe(false)
+        expect((yield* reserve(s, [budget(b, 1_000, 1)])).admitted).toBe(false)
+        expect(yield* admit(s, [concurrency(c, 2)])).toMatchObject({ states: [{ remaining: 0 }] })
+      })
+    )
+
+    it.effect("a cancel before its reserve arrives makes that reserve refuse and take nothing", () =>
+      Effect.gen(function* () {
+        const s = yield* store
+        const [r, c, b] = [uniqueKey("rate"), uniqueKey("slots"), uniqueKey("spend")]
+        const checks = [rate(r, 10, 4), concurrency(c, 1), budget(b, 1_000, 400)]
+        const lease = crypto.randomUUID()
+        yield* cancel(s, checks, lease)
+        yield* cancel(s, checks, lease)
+        expect(yield* reserve(s, checks, lease)).toEqual({
+          admitted: false,
+          failed: 0,
+          retryAfterMs: 0,
+          states: [
+            { remaining: 0, resetMs: 0 },
+            { remaining: 0, resetMs: 0 },
+            { remaining: 0, resetMs: 0 }
+          ],
+          cancelled: true
+        })
+        expect(yield* admit(s, [rate(r, 10, 10), concurrency(c, 1), budget(b, 1_000, 1_000)])).toMatchObject({
+          states: [{ remaining: 0 }, { remaining: 0 }, { remaining: 0 }]
+        })
+      })
+    )
+
     it.effect("200 concurrent reservations from two replicas against capacity 50 admit exactly 50", () =>
       Effect.gen(function* () {
         const replicas = yield* Effect.suspend(stores)
@@ -433,6 +510,59 @@ describe("RedisLimiterStore", () => {
       expect(error).toMatchObject({ _tag: "LimiterStoreUnavailable" })
       expect(elapsed).toBeGreaterThanOrEqual(140)
       expect(elapsed).toBeLessThan(1_000)
+    })
+  )
+
+  it.scopedLive("a reserve that timed out on a frozen Redis and was cancelled leaves nothing behind", () =>
+    Effect.gen(function* () {
+      // A private server: freezing the shared one would stall everyone else's tests.
+      const server = yield* startPrivate
+      const redis = yield* RedisLimiterStore.connect(server.url)
+      const store = yield* RedisLimiterStore.make({ redis, timeoutMs: 100 })
+      const subject = `{k:${crypto.randomUUID()}}`
+      const checks = (cost: number) => [
+        rate(`${subject}:tpm`, 10, cost),
+        concurrency(`${subject}:conc`, 2),
+        budget(`${subject}:spend`, 1_000, cost * 100)
+      ]
+      const [gone, kept] = [crypto.randomUUID(), crypto.randomUUID()]
+      const read = <A>(f: (client: Redis) => Promise<A>) => Effect.promise(() => f(redis))
+      // Load the scripts first: a frozen server's NOSCRIPT would come too late for the EVAL fallback.
+      yield* cancel(store, checks(1), crypto.randomUUID())
+      yield* admit(store, [], crypto.randomUUID())
+
+      yield* server.freeze
+      // Both time out, but Redis has them queued: they run once it is thawed.
+      expect(yield* Effect.flip(reserve(store, checks(3), gone))).toMatchObject({
+        _tag: "LimiterStoreUnavailable"
+      })
+      expect(yield* Effect.flip(reserve(store, checks(2), kept))).toMatchObject({
+        _tag: "LimiterStoreUnavailable"
+      })
+      // Only `gone` is given up on (as the rate limiter does); the cancel cannot get through yet.
+      expect(yield* Effect.flip(cancel(store, checks(3), gone))).toMatchObject({
+        _tag: "LimiterStoreUnavailable"
+      })
+      yield* server.thaw
+      yield* cancel(store, checks(3), gone).pipe(
+        Effect.retry(Schedule.spaced("50 millis").pipe(Schedule.intersect(Schedule.recurs(40))))
+      )
+
+      // `kept` ran after the thaw and holds (the leak this fixes); `gone` ran too, and is undone.
+      const slots = `gw:rl:${subject}:conc:concurrency`
+      expect(yield* read((r) => r.zrange(slots, 0, -1))).toEqual([kept])
+      expect(yield* read((r) => r.get(`gw:rl:${subject}:lease:${gone}`))).toBe("x")
+      const month = MemoryLimiterStore.periodOf(Date.now(), "month").suffix
+      expect(yield* read((r) => r.get(`gw:rl:${subject}:spend:budget:${month}`))).toBe("200")
+      expect(remainingOf(yield* reserve(store, [rate(`${subject}:tpm`, 10, 0)]))).toBe(8)
+
+      // Settling `kept` leaves the key as if nothing had happened: slot free, bucket full, nothing spent.
+      const keys = [`${subject}:tpm`, `${subject}:conc`, `${subject}:spend:${month}`]
+      yield* settle(store, { leaseId: kept, checks: checks(2), keys }, [0, 0, 0])
+      expect(yield* read((r) => r.zcard(slots))).toBe(0)
+      expect(yield* read((r) => r.exists(`gw:rl:${subject}:lease:${kept}`))).toBe(0)
+      expect(yield* read((r) => r.exists(`gw:rl:${subject}:tpm:tokens`))).toBe(0)
+      expect(yield* read((r) => r.get(`gw:rl:${subject}:spend:budget:${month}`))).toBe("0")
     })
   )
 })

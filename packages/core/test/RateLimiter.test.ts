@@ -49,24 +49,35 @@ const principal = (
   tenant: tenantLimits === undefined ? undefined : tenantRecord(tenantId, tenantLimits)
 })
 
-/** Wraps a store, counting calls; `reserve` fails with `LimiterStoreUnavailable` while `down`. */
+/**
+ * Wraps a store, counting calls and noting the leases reserved and cancelled; `reserve` and
+ * `cancel` fail with `LimiterStoreUnavailable` while `down`.
+ */
 const spy = (inner: Store | undefined, state: { down: boolean } = { down: false }) => {
-  const calls = { reserve: 0, settle: 0 }
+  const calls = { reserve: 0, settle: 0, cancel: 0 }
+  const leases = { reserved: [] as Array<string>, cancelled: [] as Array<string> }
   const unavailable = new LimiterStore.LimiterStoreUnavailable({ detail: "connect ECONNREFUSED" })
   const store: Store = {
     kind: "redis",
     reserve: (request) =>
       Effect.suspend(() => {
         calls.reserve++
+        leases.reserved.push(request.leaseId)
         return state.down || inner === undefined ? Effect.fail(unavailable) : inner.reserve(request)
       }),
     settle: (request) =>
       Effect.suspend(() => {
         calls.settle++
         return inner === undefined ? Effect.fail(unavailable) : inner.settle(request)
+      }),
+    cancel: (request) =>
+      Effect.suspend(() => {
+        calls.cancel++
+        leases.cancelled.push(request.leaseId)
+        return state.down || inner === undefined ? Effect.fail(unavailable) : inner.cancel(request)
       })
   }
-  return { store, calls, state }
+  return { store, calls, leases, state }
 }
 
 const limiterOn = (options: RateLimiter.Options, store: Layer.Layer<LimiterStore.LimiterStore>) =>
@@ -80,6 +91,13 @@ const admit = (who: Principal | undefined, tokens = 0, costMicroUsd = 0) =>
   )
 
 const status = Effect.flatMap(RateLimiter.RateLimiter, (limiter) => limiter.status)
+
+/** Lets background fibers run until `done` holds (or for a while), and a few turns more. */
+const turns = (done: () => boolean = () => false) =>
+  Effect.gen(function* () {
+    for (let i = 0; i < 1000 && !done(); i++) yield* Effect.yieldNow()
+    for (let i = 0; i < 50; i++) yield* Effect.yieldNow()
+  })
 
 /** Lets the background settlement worker run until the store has seen `n` settlements. */
 const settlements = (calls: { readonly settle: number }, n: number) =>
@@ -118,7 +136,7 @@ describe("RateLimiter", () => {
         expect(unlimited.headers).toEqual({})
         unlimited.settle({ tokens: 10, costMicroUsd: 0 })
         yield* settlements(calls, 1)
-        expect(calls).toEqual({ reserve: 0, settle: 0 })
+        expect(calls).toEqual({ reserve: 0, settle: 0, cancel: 0 })
       }).pipe(
         Effect.provide(limiterOn({ failure: "fail_open" }, Layer.succeed(LimiterStore.LimiterStore, store)))
       )
@@ -363,4 +381,49 @@ describe("RateLimiter", () => {
       expect(limiter.needsEstimate(principal({}, { budget }))).toBe(true)
     }).pipe(Effect.provide(onMemory))
   )
+
+  for (const failure of ["fail_open", "fail_closed"] as const) {
+    it.effect(
+      `${failure}: a reserve the shared store failed is cancelled in the background, retried a while`,
+      () =>
+        Effect.gen(function* () {
+          const { store, calls, leases, state } = spy(yield* MemoryLimiterStore.make, { down: true })
+          yield* Effect.gen(function* () {
+            const who = principal({ concurrentRequests: 1 })
+            // The answer does not wait for the cancel (its retries sleep on the TestClock, which stands still).
+            const outcome = yield* Effect.either(admit(who))
+            expect(outcome._tag).toBe(failure === "fail_open" ? "Right" : "Left")
+            yield* turns(() => calls.cancel >= 1)
+            expect(leases.reserved).toHaveLength(1)
+            expect(leases.cancelled).toEqual(leases.reserved)
+
+            // Still down: tried again with backoff; once the store is back, the cancel gets through.
+            for (let i = 0; i < 10; i++) yield* Effect.zipRight(TestClock.adjust(100), turns())
+            expect(calls.cancel).toBeGreaterThan(2)
+            state.down = false
+            for (let i = 0; i < 30; i++) yield* Effect.zipRight(TestClock.adjust(100), turns())
+            const done = calls.cancel
+            for (let i = 0; i < 60; i++) yield* Effect.zipRight(TestClock.adjust(1_000), turns())
+            expect(calls.cancel).toBe(done)
+            expect(new Set(leases.cancelled)).toEqual(new Set(leases.reserved))
+
+            // A store that stays away is given up on after about 30 s.
+            state.down = true
+            yield* TestClock.adjust(1_000)
+            yield* Effect.either(admit(who))
+            for (let i = 0; i < 40; i++) yield* Effect.zipRight(TestClock.adjust(1_000), turns())
+            const gaveUp = calls.cancel
+            expect(gaveUp).toBeGreaterThan(done + 5)
+            for (let i = 0; i < 60; i++) yield* Effect.zipRight(TestClock.adjust(1_000), turns())
+            expect(calls.cancel).toBe(gaveUp)
+            expect(leases.reserved).toHaveLength(2)
+            expect(new Set(leases.cancelled)).toEqual(new Set(leases.reserved))
+          }).pipe(
+            Effect.provide(
+              limiterOn({ failure, backoffMs: 1_000 }, Layer.succeed(LimiterStore.LimiterStore, store))
+            )
+          )
+        })
+    )
+  }
 })
