@@ -4,8 +4,9 @@
  * `usage_hourly` projection, and the rate limiter's status. Answers are JSON in snake_case;
  * errors are in the OpenAI shape like everywhere else.
  */
-import { SqlClient } from "@effect/sql"
+
 import { type HttpServerRequest, HttpServerResponse } from "@effect/platform"
+import { SqlClient } from "@effect/sql"
 import { Errors, Tenancy } from "@gateway/domain"
 import { Context, Effect, Either, Layer, ParseResult, Schema } from "effect"
 import { Auth } from "./Auth.js"

@@ -12,7 +12,7 @@
 import { createHash } from "node:crypto"
 import { type Ids, Tenancy } from "@gateway/domain"
 import { EventStore } from "@gateway/event-store"
-import { Effect, Either, Layer, Schedule, Stream } from "effect"
+import { Effect, Either, type Layer, Schedule, Stream } from "effect"
 
 export interface TenantRecord {
   readonly tenantId: Ids.TenantId

@@ -11,7 +11,7 @@ import {
   HttpApp,
   KeyAdmin,
   KeyRegistry,
-  LimiterStore,
+  type LimiterStore,
   MemoryLimiterStore,
   Meter,
   Models,
