@@ -162,8 +162,8 @@ const children: Array<Procs.Proc> = []
 const workDir = mkdtempSync(join(tmpdir(), "gateway-bench-tenancy-"))
 /** The fresh database of the run, once created. */
 let database: string | undefined
-/** Redis keys the run's limiter created (the key's buckets), deleted at the end. */
-let redisKeys: ReadonlyArray<string> = []
+/** The run's API key id, when the redis variant runs: its buckets in Redis are deleted at the end. */
+let redisKeyId: string | undefined
 
 const psql = (sql: string): void => {
   execFileSync("psql", ["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", config.adminUrl, "-c", sql], {
@@ -205,9 +205,14 @@ const stopAll = async (): Promise<void> => {
       log(`could not drop the database ${database}: ${error instanceof Error ? error.message : error}`)
     }
   }
-  if (redisKeys.length > 0) {
+  if (redisKeyId !== undefined) {
     try {
-      redisCli("del", ...redisKeys)
+      // Everything of the key is in its hash tag `{k:<id>}` (buckets, concurrency set, lease records).
+      const keys = redisCli("--scan", "--pattern", `*{k:${redisKeyId}}*`)
+        .split("\n")
+        .filter((k) => k !== "")
+      for (let i = 0; i < keys.length; i += 100) redisCli("del", ...keys.slice(i, i + 100))
+      log(`Redis: ${keys.length} keys of the run's API key left over, deleted`)
     } catch {
       // they expire on their own
     }
@@ -542,16 +547,21 @@ const scenario = (stream: boolean, runs: ReadonlyArray<Run>): Scenario => {
   }
 }
 
-/** What a keyed gateway's limiter says at the end (`GET /admin/limiter`). */
-interface LimiterCheck {
+/** What a gateway answered in all, and what a keyed gateway's limiter says at the end. */
+interface GatewayCheck {
   readonly variant: Variant
+  /** Requests answered 200, warm-ups included. */
   readonly answered: number
-  readonly status: {
-    readonly store: string
-    readonly degraded: boolean
-    readonly storeFailures: number
-    readonly refused: Readonly<Record<string, number>>
-  }
+  /** `GET /admin/limiter` (keyed gateways). */
+  readonly limiter:
+    | {
+        readonly store: string
+        readonly degraded: boolean
+        readonly storeFailures: number
+        readonly refused: Readonly<Record<string, number>>
+      }
+    | undefined
+  /** The limiter is the variant's store, never failed, refused nothing. */
   readonly passed: boolean
 }
 
@@ -591,7 +601,7 @@ const evaluate = (scenarios: ReadonlyArray<Scenario>): ReadonlyArray<TargetRow> 
 const markdown = (
   meta: Record<string, string>,
   scenarios: ReadonlyArray<Scenario>,
-  checks: ReadonlyArray<LimiterCheck>,
+  checks: ReadonlyArray<GatewayCheck>,
   targetRows: ReadonlyArray<TargetRow>
 ): string => {
   const f = Report.fixed
@@ -663,15 +673,17 @@ const markdown = (
       )
     ),
     "",
-    "The keyed gateways' limiters at the end (`GET /admin/limiter`):",
+    "The gateways at the end (the limiter's state from `GET /admin/limiter`):",
     "",
     ...checks.map(
       (c) =>
-        `- ${variantLabel[c.variant]}: answered 200 to ${c.answered.toLocaleString("en-US")} requests (warm-ups included); store ${c.status.store}, ` +
-        `${c.status.storeFailures} store failures, degraded ${c.status.degraded}, refused ` +
-        Object.entries(c.status.refused)
-          .map(([k, n]) => `${k} ${n}`)
-          .join(", ") +
+        `- ${variantLabel[c.variant]}: answered 200 to ${c.answered.toLocaleString("en-US")} requests (warm-ups included)` +
+        (c.limiter === undefined
+          ? ""
+          : `; limiter store ${c.limiter.store}, ${c.limiter.storeFailures} store failures, degraded ${c.limiter.degraded}, refused ` +
+            Object.entries(c.limiter.refused)
+              .map(([k, n]) => `${k} ${n}`)
+              .join(", ")) +
         (c.passed ? "" : " — NOT AS EXPECTED")
     ),
     "",
@@ -786,9 +798,7 @@ const main = async (): Promise<void> => {
     keyId = String(created.id)
     headers = { authorization: `Bearer ${created.key}` }
     log(`key ${keyId} created (tenant bench)`)
-    if (config.variants.includes("redis")) {
-      redisKeys = ["rpm", "tpm", "conc"].map((s) => `{k:${keyId}}:${s}`)
-    }
+    if (config.variants.includes("redis")) redisKeyId = keyId
   }
   for (const gateway of gateways.values()) await verify(gateway, headers)
 
@@ -805,9 +815,12 @@ const main = async (): Promise<void> => {
     }
   }
 
-  const checks: Array<LimiterCheck> = []
+  const checks: Array<GatewayCheck> = []
   for (const gateway of gateways.values()) {
-    if (gateway.variant === "off") continue
+    if (gateway.variant === "off") {
+      checks.push({ variant: "off", answered: gateway.ok, limiter: undefined, passed: true })
+      continue
+    }
     const status = (await adminCall(
       gateway,
       adminKey,
@@ -815,13 +828,13 @@ const main = async (): Promise<void> => {
       "/admin/limiter",
       undefined,
       200
-    )) as LimiterCheck["status"]
+    )) as NonNullable<GatewayCheck["limiter"]>
     const passed =
       status.store === gateway.variant &&
       status.storeFailures === 0 &&
       !status.degraded &&
       Object.values(status.refused).every((x) => x === 0)
-    checks.push({ variant: gateway.variant, answered: gateway.ok, status, passed })
+    checks.push({ variant: gateway.variant, answered: gateway.ok, limiter: status, passed })
   }
   const rss = [...gateways.values()]
     .map((g) => {
