@@ -120,7 +120,12 @@ export class LimiterStore extends Context.Tag("@gateway/core/LimiterStore")<
     /** `memory` or `redis`, for logs and status. */
     readonly kind: string
     readonly reserve: (request: ReserveRequest) => Effect.Effect<Decision, LimiterStoreUnavailable>
+    /** Idempotent: a lease is settled once (a retried settle changes nothing). */
     readonly settle: (request: SettleRequest) => Effect.Effect<void, LimiterStoreUnavailable>
+    /** Many settlements in one go (one round trip for Redis); as idempotent as `settle`. */
+    readonly settleAll: (
+      requests: ReadonlyArray<SettleRequest>
+    ) => Effect.Effect<void, LimiterStoreUnavailable>
     /**
      * The caller gave up on this reservation (its reserve failed or timed out): if the store applied
      * it, everything it took is given back; if not yet, it never will be (that reserve refuses).

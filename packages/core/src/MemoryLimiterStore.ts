@@ -291,8 +291,9 @@ export const make: Effect.Effect<LimiterStore["Type"]> = Effect.sync(() => {
     }
   }
 
+  /** Applied once per admission still held; a second settle of the lease finds nothing. */
   const settle = (request: SettleRequest, now: number) => {
-    held.delete(request.leaseId)
+    if (!held.delete(request.leaseId)) return
     for (let i = 0; i < request.checks.length; i++) settleOne(request, i, now)
   }
 
@@ -312,6 +313,10 @@ export const make: Effect.Effect<LimiterStore["Type"]> = Effect.sync(() => {
     kind: "memory",
     reserve: (request) => Effect.map(Clock.currentTimeMillis, (now) => decide(request, now)),
     settle: (request) => Effect.map(Clock.currentTimeMillis, (now) => settle(request, now)),
+    settleAll: (requests) =>
+      Effect.map(Clock.currentTimeMillis, (now) => {
+        for (const request of requests) settle(request, now)
+      }),
     cancel: (request) => Effect.map(Clock.currentTimeMillis, (now) => cancel(request, now))
   })
 })

@@ -244,23 +244,30 @@ export const make = (options: Options) =>
     let downUntil = 0
 
     const jobs = yield* Queue.dropping<SettleJob>(65_536)
-    yield* Queue.takeBetween(jobs, 1, 512).pipe(
-      Effect.flatMap((batch) =>
-        Effect.forEach(
-          batch,
-          (job) =>
-            job.store.settle(job.request).pipe(
-              Effect.retry(settleRetry),
-              Effect.catchAll((error) =>
-                Effect.logWarning("a rate-limit settlement was lost; its slot expires with its lease", {
-                  store: job.store.kind,
-                  error: error.detail
-                })
-              )
-            ),
-          { concurrency: 64, discard: true }
+    /** One store's share of a batch, in one call (a pipeline for Redis); settles are idempotent. */
+    const settleBatch = (
+      store: LimiterStore.LimiterStore["Type"],
+      requests: ReadonlyArray<LimiterStore.SettleRequest>
+    ) =>
+      store.settleAll(requests).pipe(
+        Effect.retry(settleRetry),
+        Effect.catchAll((error) =>
+          Effect.logWarning("rate-limit settlements were lost; their slots expire with their leases", {
+            store: store.kind,
+            settlements: requests.length,
+            error: error.detail
+          })
         )
-      ),
+      )
+    // Whatever queued meanwhile goes in one batch: no fiber per settlement.
+    yield* Queue.takeBetween(jobs, 1, 1024).pipe(
+      Effect.flatMap((batch) => {
+        const toShared: Array<LimiterStore.SettleRequest> = []
+        const toGuard: Array<LimiterStore.SettleRequest> = []
+        for (const job of batch) (job.store === shared ? toShared : toGuard).push(job.request)
+        const sharedDone = toShared.length === 0 ? Effect.void : settleBatch(shared, toShared)
+        return toGuard.length === 0 ? sharedDone : Effect.zipRight(settleBatch(guard, toGuard), sharedDone)
+      }),
       Effect.forever,
       Effect.forkScoped
     )
@@ -378,14 +385,16 @@ export const make = (options: Options) =>
         if (downUntil !== 0 && now < downUntil) return admitLocally(request)
         return shared.reserve(request).pipe(
           Effect.onInterrupt(() => cancelLater(request)),
-          Effect.tap(() => {
-            if (downUntil === 0) return Effect.void
-            downUntil = 0
-            return Effect.logInfo("rate limiter store is back", { store: shared.kind })
-          }),
           Effect.matchEffect({
             onFailure: (error) => onStoreFailure(request, error),
-            onSuccess: (decision) => decide(shared, request, decision)
+            onSuccess: (decision) => {
+              if (downUntil === 0) return decide(shared, request, decision)
+              downUntil = 0
+              return Effect.zipRight(
+                Effect.logInfo("rate limiter store is back", { store: shared.kind }),
+                decide(shared, request, decision)
+              )
+            }
           })
         )
       })

@@ -227,6 +227,9 @@ const settleLua = `${prelude}
 local now = clock(ARGV[1])
 local lease = ARGV[2]
 local n = tonumber(ARGV[3])
+-- Only an admission still on record is settled, once: a retried settle changes nothing.
+local record = redis.call('GET', KEYS[n + 1])
+if not record or record == 'x' then return 0 end
 for i = 1, n do
   local b = 3 + (i - 1) * 4
   local kind, cap, window, diff = ARGV[b + 1], tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4])
@@ -334,15 +337,38 @@ export const make = (options: Options): Effect.Effect<LimiterStore["Type"]> =>
     const now: Effect.Effect<string> =
       options.clock === "effect" ? Effect.map(Clock.currentTimeMillis, String) : Effect.succeed("")
 
+    const timeoutMs = Duration.toMillis(timeout)
+    const late = new LimiterStoreUnavailable({ detail: `no answer within ${Duration.format(timeout)}` })
+    /**
+     * One call, bounded by a plain timer rather than a fiber race: this is on every request's path.
+     * (The command may still run once Redis answers: callers cancel what they gave up on.)
+     */
     const run = (script: () => Promise<unknown>) =>
-      Effect.tryPromise({ try: script, catch: unavailable }).pipe(
-        Effect.timeoutFail({
-          duration: timeout,
-          onTimeout: () =>
-            new LimiterStoreUnavailable({ detail: `no answer within ${Duration.format(timeout)}` })
-        }),
-        Effect.withClock(liveClock)
-      )
+      Effect.async<unknown, LimiterStoreUnavailable>((resume) => {
+        let over = false
+        const timer = setTimeout(() => {
+          over = true
+          resume(Effect.fail(late))
+        }, timeoutMs)
+        script().then(
+          (reply) => {
+            if (over) return
+            over = true
+            clearTimeout(timer)
+            resume(Effect.succeed(reply))
+          },
+          (cause) => {
+            if (over) return
+            over = true
+            clearTimeout(timer)
+            resume(Effect.fail(unavailable(cause)))
+          }
+        )
+        return Effect.sync(() => {
+          over = true
+          clearTimeout(timer)
+        })
+      })
 
     const reserve = (request: ReserveRequest) =>
       Effect.flatMap(now, (time) => {
@@ -359,43 +385,52 @@ export const make = (options: Options): Effect.Effect<LimiterStore["Type"]> =>
           )
         }
         return run(() => scripts.gatewayLimiterReserve(...args))
-      }).pipe(
-        Effect.flatMap((reply) => decode(request, reply)),
-        Effect.withSpan("LimiterStore.reserve", {
-          attributes: { "limiter.store": "redis", "limiter.checks": request.checks.length }
-        })
-      )
+      }).pipe(Effect.flatMap((reply) => decode(request, reply)))
+
+    /** The settle script's arguments for one request. */
+    const settleArgs = (request: SettleRequest, time: string) => {
+      const keys = request.checks.map((check, i) => {
+        const key = redisKey(prefix, check)
+        const used = request.keys[i]
+        return check.kind === "budget" && used !== undefined ? key + used.slice(check.key.length) : key
+      })
+      const n = keys.length
+      keys.push(markerKey(prefix, request.leaseId, request.checks))
+      const args: Array<string | number> = [keys.length, ...keys, time, request.leaseId, n]
+      request.checks.forEach((check, i) => {
+        // A budget without the key of its admission has no period to settle.
+        const diff =
+          check.kind === "concurrency" || (check.kind === "budget" && request.keys[i] === undefined)
+            ? 0
+            : (request.actual[i] ?? check.cost) - check.cost
+        args.push(
+          kindCode(check),
+          check.capacity,
+          check.kind === "rate" ? check.windowMs : 0,
+          Number.isFinite(diff) ? diff : 0
+        )
+      })
+      return args
+    }
 
     const settle = (request: SettleRequest) =>
-      Effect.flatMap(now, (time) => {
-        const keys = request.checks.map((check, i) => {
-          const key = redisKey(prefix, check)
-          const used = request.keys[i]
-          return check.kind === "budget" && used !== undefined ? key + used.slice(check.key.length) : key
-        })
-        const n = keys.length
-        keys.push(markerKey(prefix, request.leaseId, request.checks))
-        const args: Array<string | number> = [keys.length, ...keys, time, request.leaseId, n]
-        request.checks.forEach((check, i) => {
-          // A budget without the key of its admission has no period to settle.
-          const diff =
-            check.kind === "concurrency" || (check.kind === "budget" && request.keys[i] === undefined)
-              ? 0
-              : (request.actual[i] ?? check.cost) - check.cost
-          args.push(
-            kindCode(check),
-            check.capacity,
-            check.kind === "rate" ? check.windowMs : 0,
-            Number.isFinite(diff) ? diff : 0
-          )
-        })
-        return run(() => scripts.gatewayLimiterSettle(...args))
-      }).pipe(
-        Effect.asVoid,
-        Effect.withSpan("LimiterStore.settle", {
-          attributes: { "limiter.store": "redis", "limiter.checks": request.checks.length }
-        })
-      )
+      Effect.flatMap(now, (time) =>
+        run(() => scripts.gatewayLimiterSettle(...settleArgs(request, time)))
+      ).pipe(Effect.asVoid)
+
+    /** A batch in one pipeline: one write, one round trip. Any error fails the batch (retry is safe). */
+    const settleAll = (requests: ReadonlyArray<SettleRequest>) =>
+      requests.length === 1
+        ? settle(requests[0]!)
+        : Effect.flatMap(now, (time) =>
+            run(async () => {
+              const pipeline = redis.pipeline() as unknown as Scripts & { exec: () => Promise<unknown> }
+              for (const request of requests) pipeline.gatewayLimiterSettle(...settleArgs(request, time))
+              const results = (await pipeline.exec()) as ReadonlyArray<[Error | null, unknown]> | null
+              const failed = results?.find(([error]) => error !== null)
+              if (results === null || failed !== undefined) throw failed?.[0] ?? new Error("pipeline aborted")
+            })
+          ).pipe(Effect.asVoid)
 
     const cancel = (request: ReserveRequest) =>
       Effect.flatMap(now, (time) => {
@@ -407,14 +442,9 @@ export const make = (options: Options): Effect.Effect<LimiterStore["Type"]> =>
           args.push(kindCode(check), check.capacity, check.kind === "rate" ? check.windowMs : 0)
         }
         return run(() => scripts.gatewayLimiterCancel(...args))
-      }).pipe(
-        Effect.asVoid,
-        Effect.withSpan("LimiterStore.cancel", {
-          attributes: { "limiter.store": "redis", "limiter.checks": request.checks.length }
-        })
-      )
+      }).pipe(Effect.asVoid)
 
-    return LimiterStore.of({ kind: "redis", reserve, settle, cancel })
+    return LimiterStore.of({ kind: "redis", reserve, settle, settleAll, cancel })
   })
 
 /** The reserve script's reply as a `Decision`. */

@@ -203,6 +203,32 @@ const contract = (name: string, stores: () => Effect.Effect<readonly [Store, Sto
       })
     )
 
+    it.effect("settleAll settles a batch at once, and settling a lease again changes nothing", () =>
+      Effect.gen(function* () {
+        const s = yield* store
+        const key = uniqueKey("tpm-batch")
+        const conc = uniqueKey("conc-batch")
+        const checks = [rate(key, 100, 20), concurrency(conc, 3)]
+        const admissions = [yield* admit(s, checks), yield* admit(s, checks), yield* admit(s, checks)]
+        const requests = admissions.map((a) => ({
+          leaseId: a.leaseId,
+          checks: a.checks,
+          keys: a.keys,
+          actual: [5, 0]
+        }))
+        yield* s.settleAll(requests)
+        // Each gave back 15 of its 20 (40 left after three reservations, 85 after), and its slot.
+        const after = yield* admit(s, [rate(key, 100, 1), concurrency(conc, 3)])
+        expect(remainingOf(after, 0)).toBe(84)
+        // A retried batch (e.g. after a lost answer) neither refunds twice nor frees slots twice.
+        yield* s.settleAll(requests)
+        const again = yield* admit(s, [rate(key, 100, 1), concurrency(conc, 3)])
+        expect(remainingOf(again, 0)).toBe(83)
+        yield* admit(s, [concurrency(conc, 3)])
+        expect((yield* reserve(s, [concurrency(conc, 3)])).admitted).toBe(false)
+      })
+    )
+
     it.effect("concurrency: capacity slots, freed once by settle, or when the lease expires", () =>
       Effect.gen(function* () {
         const s = yield* store

@@ -70,6 +70,11 @@ const spy = (inner: Store | undefined, state: { down: boolean } = { down: false 
         calls.settle++
         return inner === undefined ? Effect.fail(unavailable) : inner.settle(request)
       }),
+    settleAll: (requests) =>
+      Effect.suspend(() => {
+        calls.settle += requests.length
+        return inner === undefined ? Effect.fail(unavailable) : inner.settleAll(requests)
+      }),
     cancel: (request) =>
       Effect.suspend(() => {
         calls.cancel++
