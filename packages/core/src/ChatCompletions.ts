@@ -151,6 +151,7 @@ export class ChatCompletions extends Effect.Service<ChatCompletions>()("@gateway
     const { maxBodyBytes } = settings.server
     const { defaultMaxTokens } = settings.limits
     const { drainAfterDisconnectMs } = settings.metering
+    const counter = Tokenizer.makeCounter()
 
     const handle = (
       request: HttpServerRequest.HttpServerRequest,
@@ -183,7 +184,8 @@ export class ChatCompletions extends Effect.Service<ChatCompletions>()("@gateway
         const stream = body.stream === true
         info.model = body.model
         info.stream = stream
-        yield* auth.authorizeModel(principal, body.model)
+        const allowed = auth.authorizeModel(principal, body.model)
+        if (Either.isLeft(allowed)) return yield* allowed.left
         const target = yield* models.resolve(body.model)
         const backend = target.backend.id
         const model = target.model.name
@@ -192,7 +194,7 @@ export class ChatCompletions extends Effect.Service<ChatCompletions>()("@gateway
         // Reserve the worst case: the prompt as the tokenizer counts it, and every token the
         // answer may have. Counted only for callers with token or spend limits.
         let promptEstimate: number | undefined
-        const promptTokens = () => (promptEstimate ??= Tokenizer.countPrompt(body))
+        const promptTokens = () => (promptEstimate ??= counter.countPrompt(body))
         const estimate = limiter.needsEstimate(principal)
           ? (() => {
               const prompt = promptTokens()

@@ -12,7 +12,7 @@
  * the background (retried for a while), so it never holds a slot or a charge for nothing.
  */
 import { Errors } from "@gateway/domain"
-import { Clock, Context, Effect, Layer, Queue, Ref, Schedule } from "effect"
+import { Clock, Context, Effect, FiberSet, Layer, Queue, Ref, Schedule } from "effect"
 import type { Principal } from "./Auth.js"
 import * as LimiterStore from "./LimiterStore.js"
 import * as MemoryLimiterStore from "./MemoryLimiterStore.js"
@@ -205,11 +205,6 @@ const refusalOf = (
         retryAfterMs: check.kind === "concurrency" ? Math.min(retryAfterMs, concurrencyRetryMs) : retryAfterMs
       })
 
-interface SettleJob {
-  readonly store: LimiterStore.LimiterStore["Type"]
-  readonly request: LimiterStore.SettleRequest
-}
-
 /** Retries of a settlement the store could not take: a refund is worth a few attempts. */
 const settleRetry = Schedule.exponential("50 millis").pipe(
   Schedule.jittered,
@@ -243,7 +238,6 @@ export const make = (options: Options) =>
     /** Until when the shared store is skipped (epoch ms); 0 while it is healthy. */
     let downUntil = 0
 
-    const jobs = yield* Queue.dropping<SettleJob>(65_536)
     /** One store's share of a batch, in one call (a pipeline for Redis); settles are idempotent. */
     const settleBatch = (
       store: LimiterStore.LimiterStore["Type"],
@@ -259,18 +253,30 @@ export const make = (options: Options) =>
           })
         )
       )
-    // Whatever queued meanwhile goes in one batch: no fiber per settlement.
-    yield* Queue.takeBetween(jobs, 1, 1024).pipe(
-      Effect.flatMap((batch) => {
-        const toShared: Array<LimiterStore.SettleRequest> = []
-        const toGuard: Array<LimiterStore.SettleRequest> = []
-        for (const job of batch) (job.store === shared ? toShared : toGuard).push(job.request)
-        const sharedDone = toShared.length === 0 ? Effect.void : settleBatch(shared, toShared)
-        return toGuard.length === 0 ? sharedDone : Effect.zipRight(settleBatch(guard, toGuard), sharedDone)
-      }),
-      Effect.forever,
-      Effect.forkScoped
-    )
+    // Settlements gather during one turn of the event loop and go as one batch on a fiber of the
+    // layer's scope: no fiber, queue hand-off or wake-up per request.
+    const runFork = yield* FiberSet.makeRuntime<never, void, never>()
+    let toShared: Array<LimiterStore.SettleRequest> = []
+    let toGuard: Array<LimiterStore.SettleRequest> = []
+    let flushing = false
+    const flush = () => {
+      flushing = false
+      const sharedBatch = toShared
+      const guardBatch = toGuard
+      toShared = []
+      toGuard = []
+      const sharedDone = sharedBatch.length === 0 ? Effect.void : settleBatch(shared, sharedBatch)
+      runFork(
+        guardBatch.length === 0 ? sharedDone : Effect.zipRight(settleBatch(guard, guardBatch), sharedDone)
+      )
+    }
+    const settleLater = (store: LimiterStore.LimiterStore["Type"], request: LimiterStore.SettleRequest) => {
+      ;(store === shared ? toShared : toGuard).push(request)
+      if (!flushing) {
+        flushing = true
+        setImmediate(flush)
+      }
+    }
 
     // Reserves the shared store failed (or that were interrupted) may still be applied when it
     // answers again: each is cancelled, on workers of their own so settlements never wait on them.
@@ -326,10 +332,7 @@ export const make = (options: Options) =>
                 ? Math.max(0, Math.ceil(actual.costMicroUsd))
                 : 0
           )
-          Queue.unsafeOffer(jobs, {
-            store,
-            request: { leaseId: request.leaseId, checks: request.checks, keys, actual: used }
-          })
+          settleLater(store, { leaseId: request.leaseId, checks: request.checks, keys, actual: used })
         }
       })
     }

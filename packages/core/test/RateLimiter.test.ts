@@ -104,12 +104,21 @@ const turns = (done: () => boolean = () => false) =>
     for (let i = 0; i < 50; i++) yield* Effect.yieldNow()
   })
 
-/** Lets the background settlement worker run until the store has seen `n` settlements. */
+/** One turn of the event loop: settlements gathered during a turn are flushed at its end. */
+const loopTurn = Effect.promise(() => new Promise<void>((resolve) => setImmediate(resolve)))
+
+/** Lets the background settlement run until the store has seen `n` settlements. */
 const settlements = (calls: { readonly settle: number }, n: number) =>
   Effect.gen(function* () {
-    for (let i = 0; i < 1000 && calls.settle < n; i++) yield* Effect.yieldNow()
+    for (let i = 0; i < 100 && calls.settle < n; i++) {
+      yield* loopTurn
+      yield* Effect.yieldNow()
+    }
     // More turns, so that a settlement that should not happen had its chance to.
-    for (let i = 0; i < 50; i++) yield* Effect.yieldNow()
+    for (let i = 0; i < 5; i++) {
+      yield* loopTurn
+      yield* Effect.yieldNow()
+    }
   })
 
 describe("formatReset", () => {
