@@ -172,16 +172,26 @@ const headersOf = (
   checks: ReadonlyArray<LimiterStore.Check>,
   states: ReadonlyArray<LimiterStore.CheckState>
 ) => {
+  let requests = -1
+  let tokens = -1
+  for (let i = 0; i < checks.length; i++) {
+    const check = checks[i]!
+    if (check.kind !== "rate") continue
+    if (check.limit === "requests") {
+      if (requests === -1) requests = i
+    } else if (tokens === -1) tokens = i
+  }
   const headers: Record<string, string> = {}
-  checks.forEach((check, i) => {
-    if (check.kind !== "rate") return
-    const name = check.limit
-    if (headers[`x-ratelimit-limit-${name}`] !== undefined) return
-    const state = states[i]!
-    headers[`x-ratelimit-limit-${name}`] = String(check.capacity)
-    headers[`x-ratelimit-remaining-${name}`] = String(Math.max(0, Math.floor(state.remaining)))
-    headers[`x-ratelimit-reset-${name}`] = formatReset(state.resetMs)
-  })
+  if (requests !== -1) {
+    headers["x-ratelimit-limit-requests"] = String(checks[requests]!.capacity)
+    headers["x-ratelimit-remaining-requests"] = String(Math.max(0, Math.floor(states[requests]!.remaining)))
+    headers["x-ratelimit-reset-requests"] = formatReset(states[requests]!.resetMs)
+  }
+  if (tokens !== -1) {
+    headers["x-ratelimit-limit-tokens"] = String(checks[tokens]!.capacity)
+    headers["x-ratelimit-remaining-tokens"] = String(Math.max(0, Math.floor(states[tokens]!.remaining)))
+    headers["x-ratelimit-reset-tokens"] = formatReset(states[tokens]!.resetMs)
+  }
   return headers
 }
 
