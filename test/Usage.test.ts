@@ -357,7 +357,7 @@ layer(Stack.layer, { excludeTestServices: true })("metering", (it) => {
       })
       // What the client got before it left, not what the drain read after.
       expect(cancelled.tokensDelivered).toBeGreaterThanOrEqual(1)
-      expect.soft(cancelled.tokensDelivered, "tokens delivered to the client").toBeLessThan(outputTokens)
+      expect(cancelled.tokensDelivered, "tokens delivered to the client").toBeLessThan(outputTokens)
       expect(settledMs).toBeLessThan(drainMs + 1000)
       const line = yield* gateway.accessLog("usage-hang-up")
       expect(line).toMatchObject({ status: 499, key_id: key.id, tenant: "acme" })
@@ -481,13 +481,12 @@ layer(Stack.layer, { excludeTestServices: true })("metering", (it) => {
           usageSource: "backend",
           cost: { amountMicroUsd: microUsd(early.generated) }
         })
-        // The client got no token: none was delivered, and it left before the first content.
-        expect
-          .soft({
-            tokensDelivered: early.result.event.data.tokensDelivered,
-            afterFirstByte: early.result.event.data.afterFirstByte
-          })
-          .toEqual({ tokensDelivered: 0, afterFirstByte: false })
+        // Delivered is what went to the client's connection before the gateway learned it was gone
+        // (Node notices a closed connection at the next write): a few chunks at most, far fewer than
+        // the drain read and billed.
+        const { tokensDelivered, afterFirstByte } = early.result.event.data
+        expect(tokensDelivered).toBeLessThan(outputTokens)
+        expect(afterFirstByte).toBe(tokensDelivered > 0)
 
         // Gone after the first token of an answer longer than the drain (8 × 400 ms > 2 s): the
         // gateway stops reading after 2 s and bills what it had seen, estimated — never nothing.
@@ -509,7 +508,7 @@ layer(Stack.layer, { excludeTestServices: true })("metering", (it) => {
         expect(slow.data.cost.amountMicroUsd).toBeGreaterThan(0)
         expect(late.result.settledMs).toBeGreaterThanOrEqual(drainMs - 100)
         expect(late.result.settledMs).toBeLessThan(drainMs + 1000)
-        expect.soft(slow.data.tokensDelivered, "tokens delivered to the client").toBe(late.result.contentSeen)
+        expect(slow.data.tokensDelivered, "tokens delivered to the client").toBe(late.result.contentSeen)
 
         // Both on the books of the key, as their events say.
         const billed = [

@@ -322,6 +322,8 @@ export class ChatCompletions extends Effect.Service<ChatCompletions>()("@gateway
         }
 
         const scanner = new SseScanner()
+        /** Content chunks the client had been sent when it went away. */
+        let deliveredChunks = 0
         /** Tokens of the streamed answer and their cost (settled at once), once it is over. */
         const usageOf = (scanned: SseScanner) => {
           const prompt = scanned.usage?.prompt_tokens ?? promptTokens()
@@ -380,6 +382,8 @@ export class ChatCompletions extends Effect.Service<ChatCompletions>()("@gateway
           },
           onDisconnect: () => {
             info.clientClosed = true
+            // What the client got is what had gone by when it left; draining reads on for billing.
+            deliveredChunks = scanner.contentChunks
           },
           onClientGone: (midAnswer) => {
             if (!midAnswer) return
@@ -389,7 +393,7 @@ export class ChatCompletions extends Effect.Service<ChatCompletions>()("@gateway
               recording.record(
                 new Events.RequestCancelled(
                   {
-                    ...cancelledAt(scanner.contentChunks, scanner.contentChunks > 0),
+                    ...cancelledAt(deliveredChunks, deliveredChunks > 0),
                     model,
                     backend,
                     ...usage,

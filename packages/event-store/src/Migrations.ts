@@ -82,5 +82,38 @@ export const loader = PgMigrator.fromRecord({
 /** Selects the tenancy streams; a read with exactly this predicate uses the partial index. */
 export const tenancyFilter = "(stream_id LIKE 'key-%' OR stream_id LIKE 'tenant-%')"
 
-/** Brings the schema up to date; safe to run from several replicas at once. */
-export const run = PgMigrator.run({ loader, table: "gateway_migrations" })
+/** Held while the schema is changed: replicas starting together on an empty database take turns. */
+const schemaLock = 7_243_118_950_031n
+
+/**
+ * Runs `effect` in a transaction holding the schema lock. Concurrent `CREATE TABLE`s of one name
+ * collide in PostgreSQL's catalog even with `IF NOT EXISTS`; under the lock they run one by one.
+ */
+export const exclusively = <A, E, R>(effect: Effect.Effect<A, E, R>) =>
+  Effect.flatMap(SqlClient.SqlClient, (sql) =>
+    sql.withTransaction(
+      Effect.zipRight(sql`SELECT pg_advisory_xact_lock(${String(schemaLock)}::bigint)`, effect)
+    )
+  )
+
+const migrationsTable = "gateway_migrations"
+
+/**
+ * Brings the schema up to date; safe to run from several replicas at once. `PgMigrator` creates
+ * its own table unguarded (two replicas on an empty database collide); it is created here first,
+ * as `PgMigrator` defines it, under the lock. The migrations then run under `PgMigrator`'s lock.
+ */
+export const run = Effect.zipRight(
+  exclusively(
+    Effect.flatMap(
+      SqlClient.SqlClient,
+      (sql) => sql`
+        CREATE TABLE IF NOT EXISTS ${sql(migrationsTable)} (
+          migration_id integer primary key,
+          created_at timestamp with time zone not null default now(),
+          name text not null
+        )`
+    )
+  ),
+  PgMigrator.run({ loader, table: migrationsTable })
+)

@@ -16,6 +16,7 @@ import {
   type RecordedEvent,
   start
 } from "./EventStore.js"
+import * as Migrations from "./Migrations.js"
 import * as Projection from "./Projection.js"
 
 export interface Status {
@@ -123,7 +124,9 @@ export const make = (projections: ReadonlyArray<Projection.Any>, options: Option
     const database = yield* Database
     const leaders = yield* Ref.make(new Set<string>())
 
-    for (const projection of projections) yield* projection.create(Projection.liveTables)
+    yield* Migrations.exclusively(
+      Effect.forEach(projections, (projection) => projection.create(Projection.liveTables), { discard: true })
+    )
 
     /** Follows the log from the checkpoint, applying batch after batch, until it fails. */
     const follow = (projection: Projection.Any) =>
