@@ -2,7 +2,8 @@
  * The gateway process's composition root: config file, logging, the HTTP server and the
  * services behind it. Environment variables are read here and nowhere else.
  */
-import { createServer } from "node:http"
+import { createServer, type IncomingMessage, type Server } from "node:http"
+import type { Socket } from "node:net"
 import { NodeContext, NodeHttpServer } from "@effect/platform-node"
 import {
   AdminApi,
@@ -93,6 +94,27 @@ export const logLevelFromEnv = Config.string("LOG_LEVEL").pipe(
   Config.withDefault(LogLevel.Info)
 )
 
+/**
+ * `close` also drops connections that never sent a request (a load balancer's or an HTTP client's
+ * spare ones): Node closes idle keep-alive connections on `close`, but not those, and they would
+ * hold a graceful shutdown until their headers timeout.
+ */
+const closingUnusedConnections = (s: Server): Server => {
+  const unused = new Set<Socket>()
+  s.on("connection", (socket: Socket) => {
+    unused.add(socket)
+    socket.once("close", () => unused.delete(socket))
+  })
+  s.on("request", (request: IncomingMessage) => unused.delete(request.socket))
+  const close = s.close.bind(s)
+  s.close = (callback?: (error?: Error) => void) => {
+    close(callback)
+    for (const socket of unused) socket.destroy()
+    return s
+  }
+  return s
+}
+
 const server = Layer.unwrapEffect(
   Effect.gen(function* () {
     const settings = yield* Settings.Settings
@@ -100,7 +122,7 @@ const server = Layer.unwrapEffect(
       () => {
         const s = createServer({ keepAliveTimeout: 65_000 })
         s.headersTimeout = 66_000
-        return s
+        return closingUnusedConnections(s)
       },
       { port: settings.server.port, host: settings.server.host }
     )
