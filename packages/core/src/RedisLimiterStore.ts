@@ -497,6 +497,8 @@ export const connect = (
   const connectTimeoutMs = options.connectTimeoutMs ?? 2_000
   const redisOptions: RedisOptions = {
     enableOfflineQueue: false,
+    // Commands issued in the same tick (reserves of concurrent requests) go out in one write.
+    enableAutoPipelining: true,
     maxRetriesPerRequest: 1,
     connectTimeout: connectTimeoutMs,
     commandTimeout: options.commandTimeoutMs ?? 1_000,
