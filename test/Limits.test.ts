@@ -11,6 +11,7 @@ import { expect, layer } from "@effect/vitest"
 import * as Tokenizer from "@gateway/core/Tokenizer"
 import { Context, type Duration, Effect, Fiber, Layer } from "effect"
 import * as Admin from "./support/Admin.js"
+import * as EventLog from "./support/EventLog.js"
 import { expectOpenAiError } from "./support/Http.js"
 import * as Processes from "./support/Processes.js"
 import * as Redis from "./support/Redis.js"
@@ -51,6 +52,8 @@ class Stack extends Context.Tag("test/Limits/Stack")<
     readonly replicas: ReadonlyArray<Processes.Gateway>
     /** A Redis of this file's own, which the outage test freezes and restarts. */
     readonly privateRedis: Redis.PrivateRedis
+    /** The replicas' database, read directly. */
+    readonly events: EventLog.EventLog
     /** On `privateRedis`, one per failure policy. */
     readonly failOpen: Processes.Gateway
     readonly failClosed: Processes.Gateway
@@ -95,7 +98,8 @@ class Stack extends Context.Tag("test/Limits/Stack")<
         ],
         { concurrency: 2 }
       )
-      return { sim, adminKey, replicas: [first, second, third], privateRedis, failOpen, failClosed }
+      const events = yield* EventLog.make(databaseUrl)
+      return { sim, adminKey, replicas: [first, second, third], privateRedis, failOpen, failClosed, events }
     })
   )
 }
@@ -350,6 +354,20 @@ layer(Stack.layer, { excludeTestServices: true, timeout: 120_000 })("rate limits
         expect(Number(a.headers?.get("x-ratelimit-remaining-requests"))).toBeLessThan(rpm)
       }
       for (const a of refused) yield* expectRefusal(a, "rate_limit_exceeded", "requests")
+      // Every refusal is on the books as RequestRejected (rate_limited), with the key; none billed.
+      const { events } = yield* Stack
+      yield* Processes.eventually(
+        `${refused.length} RequestRejected events of the key`,
+        Effect.map(
+          events.query<{ n: number }>(
+            `SELECT count(*)::int AS n FROM events
+             WHERE type = 'RequestRejected' AND data->>'reason' = 'rate_limited' AND metadata->>'keyId' = $1`,
+            [key.id]
+          ),
+          (rows) => (rows[0]?.n === refused.length ? true : undefined)
+        ),
+        "5 seconds"
+      )
       // Each replica admitted and refused some: the one bucket is shared.
       expect(
         replicas.map((replica) => {

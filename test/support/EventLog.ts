@@ -29,6 +29,11 @@ export interface EventLog {
   readonly requestLogRows: Effect.Effect<number>
   /** Waits until every projection's checkpoint is at the end of the log (with `timeout`). */
   readonly caughtUp: (timeout: Duration.DurationInput) => Effect.Effect<void>
+  /** Any read-only query on the database, for assertions the helpers above do not cover. */
+  readonly query: <A extends object>(
+    statement: string,
+    params?: ReadonlyArray<unknown>
+  ) => Effect.Effect<ReadonlyArray<A>>
   /** Waits until no session of a gateway (`application_name` llm-gateway) is left on the database. */
   readonly noGatewaySessions: (timeout: Duration.DurationInput) => Effect.Effect<void>
   /**
@@ -179,6 +184,7 @@ export const make = (databaseUrl: string): Effect.Effect<EventLog, never, Scope.
       ).pipe(Effect.asVoid)
 
     return {
+      query,
       completedPer,
       eventsOf,
       totals,
