@@ -59,7 +59,7 @@ it.live(
 
           const ok = yield* postChat(url, { model: "small", messages }, { headers: Admin.bearer(devKey!) })
           expect(ok.status).toBe(200)
-          const answer: { usage: { total_tokens: number } } = yield* Effect.promise(() => ok.json())
+          const answer = (yield* Effect.promise(() => ok.json())) as { usage: { total_tokens: number } }
           expect(answer.usage.total_tokens).toBeGreaterThan(0)
           const anonymous = yield* postChat(url, { model: "small", messages })
           expect(anonymous.status).toBe(401)
