@@ -12,7 +12,7 @@
 import { createHash } from "node:crypto"
 import { type Ids, Tenancy } from "@gateway/domain"
 import { EventStore } from "@gateway/event-store"
-import { Effect, Either, type Layer, Schedule, Stream } from "effect"
+import { Effect, Either, Schedule, Stream } from "effect"
 
 export interface TenantRecord {
   readonly tenantId: Ids.TenantId
@@ -172,6 +172,3 @@ export class KeyRegistry extends Effect.Service<KeyRegistry>()("@gateway/core/Ke
     } as const
   })
 }) {}
-
-/** A registry over the given store (tests). */
-export const layer: Layer.Layer<KeyRegistry, never, EventStore.EventStore> = KeyRegistry.Default
