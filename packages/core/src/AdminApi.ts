@@ -148,7 +148,7 @@ export const make = Effect.gen(function* () {
         .split(",")
         .map((g) => g.trim())
         .filter((g) => g.length > 0)
-      const unknown = requested.find((g) => !(g in groupColumns))
+      const unknown = requested.find((g) => !Object.hasOwn(groupColumns, g))
       if (unknown !== undefined) {
         return yield* new Errors.InvalidRequest({
           message: `'group_by' takes tenant, key, model and hour; got '${unknown}'.`,

@@ -225,19 +225,37 @@ export class KeyAdmin extends Effect.Service<KeyAdmin>()("@gateway/core/KeyAdmin
         return registry.key(key.keyId)!
       })
 
-    const revokeKey = (id: string, reason: string, by: string, requestId: Ids.RequestId) =>
-      Effect.gen(function* () {
-        const key = yield* keyOf(id)
-        if (key.revoked !== null) return key
-        const event = new Tenancy.KeyRevoked({ keyId: key.keyId, reason, by })
-        yield* append(Tenancy.keyStream(key.keyId), event, key.version, requestId).pipe(
-          Effect.catchTags({
-            StreamVersionConflict: () => keyOf(id),
-            EventStoreError: unavailable
-          })
-        )
-        return registry.key(key.keyId)!
-      })
+    /**
+     * Revokes a key, whatever this replica has seen of it: a change made elsewhere meanwhile (a
+     * version conflict) is read in and the revoke appended after it — a revoke is never dropped.
+     */
+    const revokeKey = (id: string, reason: string, by: string, requestId: Ids.RequestId) => {
+      const attempt = (
+        triesLeft: number
+      ): Effect.Effect<KeyRecord, Errors.NotFound | Errors.Conflict | Errors.ServiceUnavailable> =>
+        Effect.gen(function* () {
+          const key = yield* keyOf(id)
+          if (key.revoked !== null) return key
+          const event = new Tenancy.KeyRevoked({ keyId: key.keyId, reason, by })
+          const stream = Tenancy.keyStream(key.keyId)
+          return yield* append(stream, event, key.version, requestId).pipe(
+            Effect.map(() => registry.key(key.keyId)!),
+            Effect.catchTags({
+              StreamVersionConflict: () =>
+                triesLeft === 0
+                  ? Effect.fail(
+                      new Errors.Conflict({ message: `The key '${id}' keeps changing; retry the revoke.` })
+                    )
+                  : Effect.zipRight(
+                      registry.refresh(stream, key.version + 1).pipe(Effect.catchAll(() => Effect.void)),
+                      attempt(triesLeft - 1)
+                    ),
+              EventStoreError: unavailable
+            })
+          )
+        })
+      return attempt(5)
+    }
 
     return { createTenant, changeTenant, createKey, changeKey, revokeKey, keyOf, tenantOf } as const
   })

@@ -215,10 +215,12 @@ const refusalOf = (
         retryAfterMs: check.kind === "concurrency" ? Math.min(retryAfterMs, concurrencyRetryMs) : retryAfterMs
       })
 
-/** Retries of a settlement the store could not take: a refund is worth a few attempts. */
+/** Retries of settlements the store could not take (a failover): they free slots and refund budgets. */
 const settleRetry = Schedule.exponential("50 millis").pipe(
+  Schedule.union(Schedule.spaced("2 seconds")),
   Schedule.jittered,
-  Schedule.intersect(Schedule.recurs(5))
+  // Settlements are idempotent: worth retrying through a failover, up to about a lease's life.
+  Schedule.upTo("2 minutes")
 )
 
 /**

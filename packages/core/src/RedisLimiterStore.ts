@@ -497,6 +497,8 @@ export const connect = (
   const connectTimeoutMs = options.connectTimeoutMs ?? 2_000
   const redisOptions: RedisOptions = {
     enableOfflineQueue: false,
+    // A reserve sent before a disconnect must not run again after it (its caller has cancelled it).
+    autoResendUnfulfilledCommands: false,
     // Commands issued in the same tick (reserves of concurrent requests) go out in one write.
     enableAutoPipelining: true,
     maxRetriesPerRequest: 1,

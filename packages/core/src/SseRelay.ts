@@ -42,7 +42,17 @@ export interface Filter {
   readonly flush: () => Uint8Array
 }
 
-const done = "data: [DONE]"
+const done = Buffer.from("data: [DONE]")
+
+/**
+ * Where `data: [DONE]` starts an event in `chunk` (at its start, or after a line break), or -1:
+ * the same text inside an answer's content (a model may write it) is not the end.
+ */
+const doneAt = (chunk: Buffer): number => {
+  let at = chunk.indexOf(done)
+  while (at > 0 && chunk[at - 1] !== 10 /* \n */) at = chunk.indexOf(done, at + done.length)
+  return at
+}
 
 export const relay = (source: Readable, hooks: Hooks): Readable => {
   /** The backend's part is over: it ended, broke, or we are waiting to send the end. */
@@ -100,7 +110,7 @@ export const relay = (source: Readable, hooks: Hooks): Readable => {
   }
   source.on("data", (chunk: Buffer) => {
     if (upstreamOver) return
-    const at = chunk.indexOf(done)
+    const at = doneAt(chunk)
     const head = at === -1 ? chunk : chunk.subarray(0, at)
     if (draining) {
       if (head.length > 0) hooks.onChunk?.(head)

@@ -25,6 +25,25 @@ describe("SseRelay", () => {
     expect(await text).toBe("data: 1\n\ndata: 2\n\ndata: [DONE]\n\n")
   })
 
+  it("does not take an answer that writes 'data: [DONE]' in its content for the end", async () => {
+    const source = new PassThrough()
+    let ends = 0
+    const out = SseRelay.relay(source, {
+      onBreak: () => breakEvent,
+      beforeEnd: async () => {
+        ends++
+        return undefined
+      }
+    })
+    const text = collect(out)
+    const quoting = 'data: {"choices":[{"delta":{"content":"say data: [DONE] now"}}]}\n\n'
+    source.write(quoting)
+    source.write("data: 2\n\n")
+    source.end("data: [DONE]\n\n")
+    expect(await text).toBe(`${quoting}data: 2\n\ndata: [DONE]\n\n`)
+    expect(ends).toBe(1)
+  })
+
   it("passes each chunk on as soon as it arrives", async () => {
     const source = new PassThrough()
     const out = SseRelay.relay(source, { onBreak: () => breakEvent })
