@@ -21,6 +21,20 @@ describe("Tokenizer.countText", () => {
   })
 })
 
+describe("Tokenizer.countText on long texts", () => {
+  // Whole-text BPE takes seconds on a long run without spaces (24 s for 200 KB): a request could
+  // stall the gateway. Sliced counting returns at once (well within the test's timeout).
+  it("counts a 4 MB run without spaces, and long prose close to its whole-text count", () => {
+    const run = Tokenizer.countText("a".repeat(4_000_000))
+    expect(run).toBeGreaterThan(100_000)
+    expect(run).toBeLessThan(4_000_000)
+    const sentence = "The quick brown fox jumps over the lazy dog. "
+    const prose = sentence.repeat(2_000)
+    const exact = Tokenizer.countText(sentence) * 2_000
+    expect(Math.abs(Tokenizer.countText(prose) - exact) / exact).toBeLessThan(0.01)
+  })
+})
+
 describe("Tokenizer.countPrompt", () => {
   it("adds 3 per message and 3 to prime the reply", () => {
     expect(Tokenizer.countPrompt(request([user("hello world")]))).toBe(3 + 3 + 2)
