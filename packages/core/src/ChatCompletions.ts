@@ -268,6 +268,9 @@ export class ChatCompletions extends Effect.Service<ChatCompletions>()("@gateway
           new Events.RequestCancelled(cancelledAt(tokensDelivered, afterFirstByte), true)
 
         const outgoing = withUsageRequested(raw, body)
+        // Taken before the attempt: from the answer to the relay below there is no yield, so no
+        // interruption can leave a backend body without a reader.
+        const run = Runtime.runPromise(yield* Effect.runtime<never>())
         const answer = yield* upstream
           .chat({
             requestId: info.requestId,
@@ -332,8 +335,6 @@ export class ChatCompletions extends Effect.Service<ChatCompletions>()("@gateway
           settle(prompt, completion, cost)
           return { promptTokens: prompt, completionTokens: completion, cost }
         }
-        const runtime = yield* Effect.runtime<never>()
-        const run = Runtime.runPromise(runtime)
         const relayed = SseRelay.relay(answer.body, {
           onChunk: (chunk) => scanner.push(chunk),
           drainMs: drainAfterDisconnectMs,
