@@ -155,6 +155,37 @@ layer(Env, { excludeTestServices: true, timeout: 60_000 })("KeyRegistry and KeyA
     })
   )
 
+  it.effect("a revoke made while another replica's change is not yet seen here still revokes", () =>
+    Effect.gen(function* () {
+      const admin = yield* KeyAdmin
+      const registry = yield* KeyRegistry
+      const store = yield* EventStore.EventStore
+      const { key, secret } = yield* admin.createKey({ tenant: unique("acme"), name: "ci" }, "admin", rid())
+      // Another replica changes the key (written straight to the log, as it would be); this
+      // replica's revoke right after still expects the version it knows, and conflicts.
+      const change = Tenancy.encodeTenancyEvent(
+        new Tenancy.KeyLimitsChanged({ keyId: key.keyId, limits: { requestsPerMinute: 7 }, by: "elsewhere" })
+      )
+      yield* store.append(
+        Tenancy.keyStream(key.keyId),
+        [
+          {
+            eventId: crypto.randomUUID(),
+            ...change,
+            metadata: { requestId: rid(), correlationId: "x", occurredAt: new Date().toISOString() }
+          }
+        ],
+        1
+      )
+      const revoked = yield* admin.revokeKey(key.keyId, "leaked", "admin", rid())
+      expect(revoked.revoked?.reason).toBe("leaked")
+      expect(revoked.limits).toEqual({ requestsPerMinute: 7 })
+      expect(registry.byHash(hashSecret(secret))?.revoked?.reason).toBe("leaked")
+      const events = yield* store.readStream(Tenancy.keyStream(key.keyId))
+      expect(events.map((e) => e.type)).toEqual(["KeyCreated", "KeyLimitsChanged", "KeyRevoked"])
+    })
+  )
+
   it.effect("creating a tenant twice is a Conflict", () =>
     Effect.gen(function* () {
       const admin = yield* KeyAdmin
