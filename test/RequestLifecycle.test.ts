@@ -15,7 +15,7 @@ import { Projections } from "@gateway/core"
 import { Events } from "@gateway/domain"
 import { EventStore } from "@gateway/event-store"
 import { Context, Effect, Fiber, Layer, Option, Redacted } from "effect"
-import { contentChunks, messages, postChat, readSse } from "./support/Http.js"
+import { contentChunks, messages, postChat, readSse, readThenHangUp } from "./support/Http.js"
 import * as Processes from "./support/Processes.js"
 
 const maxBodyBytes = 4096
@@ -206,21 +206,6 @@ const readInto = (res: Response, received: { text: string }): Effect.Effect<stri
       if (done) return received.text
       received.text += decoder.decode(value, { stream: true })
     }
-  })
-
-/** Reads an SSE body until `until` holds for what arrived, then hangs up; returns what arrived. */
-const readThenHangUp = (res: Response, controller: AbortController, until: (text: string) => boolean) =>
-  Effect.promise(async () => {
-    const reader = res.body!.getReader()
-    const decoder = new TextDecoder()
-    let text = ""
-    while (!until(text)) {
-      const { done, value } = await reader.read()
-      if (done) throw new Error(`the stream ended before the client hung up:\n${text}`)
-      text += decoder.decode(value, { stream: true })
-    }
-    controller.abort()
-    return text
   })
 
 /**

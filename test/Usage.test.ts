@@ -13,7 +13,7 @@ import { expect, layer } from "@effect/vitest"
 import { Events } from "@gateway/domain"
 import { Context, Effect, Layer, Redacted } from "effect"
 import * as Admin from "./support/Admin.js"
-import { contentChunks, postChat, readSse } from "./support/Http.js"
+import { contentChunks, postChat, readSse, readThenHangUp } from "./support/Http.js"
 import * as Processes from "./support/Processes.js"
 
 const outputTokens = 8
@@ -150,21 +150,6 @@ const sum = (usages: ReadonlyArray<Usage>): Usage => ({
 
 /** A prompt of its own for each request, so that the sums mean something. */
 const ask = (text: string) => [{ role: "user", content: text }]
-
-/** Reads a stream until `until` holds for what came so far, then hangs up. */
-const readThenHangUp = (res: Response, controller: AbortController, until: (text: string) => boolean) =>
-  Effect.promise(async () => {
-    const reader = res.body!.getReader()
-    const decoder = new TextDecoder()
-    let text = ""
-    while (!until(text)) {
-      const { done, value } = await reader.read()
-      if (done) throw new Error(`the stream ended before the client hung up:\n${text}`)
-      text += decoder.decode(value, { stream: true })
-    }
-    controller.abort()
-    return text
-  })
 
 // ---------------------------------------------------------------------------------------------
 // The tests

@@ -73,3 +73,22 @@ export const expectOpenAiError = (
     if (expected.param !== undefined) expect(body.error.param).toBe(expected.param)
     return body.error
   })
+
+/** Reads an SSE body until `until` holds for what arrived, then hangs up; returns what arrived. */
+export const readThenHangUp = (
+  res: Response,
+  controller: AbortController,
+  until: (text: string) => boolean
+) =>
+  Effect.promise(async () => {
+    const reader = res.body!.getReader()
+    const decoder = new TextDecoder()
+    let text = ""
+    while (!until(text)) {
+      const { done, value } = await reader.read()
+      if (done) throw new Error(`the stream ended before the client hung up:\n${text}`)
+      text += decoder.decode(value, { stream: true })
+    }
+    controller.abort()
+    return text
+  })
