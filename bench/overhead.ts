@@ -209,7 +209,7 @@ const measure = async (
     maxRequests: config.maxRequests,
     maxDurationMs: durationMs
   }
-  await waitQuiet(1, 250, [env.gateway.pid, env.sim.pid])
+  await quiet.wait(1, 250, [env.gateway.pid, env.sim.pid])
   const agent = LoadGen.makeAgent(concurrency)
   try {
     if (config.warmupMs > 0) await LoadGen.run(agent, { ...spec, maxDurationMs: config.warmupMs })
@@ -266,53 +266,9 @@ const measure = async (
   }
 }
 
-/** A run counts as noisy when other processes (or the hypervisor) took more than this % of a core. */
-const noisyPct = 25
-
-/** What is left of `--wait-quiet`, shared by the whole run, and how much of it was used. */
-let quietBudgetMs = config.waitQuietMs
-let waitedMs = 0
-
-/** CPU used by everything but this process and `pids` over `sampleMs`, in % of one core. */
-const otherCpuPct = async (sampleMs: number, pids: ReadonlyArray<number>): Promise<number> => {
-  const ours = () => Procs.selfCpuMs() + pids.reduce((t, pid) => t + Procs.cpuTimeMs(pid), 0)
-  const sys0 = Procs.systemCpu()
-  const ours0 = ours()
-  const t0 = performance.now()
-  await new Promise((resolve) => setTimeout(resolve, sampleMs))
-  const ours1 = ours()
-  const sys1 = Procs.systemCpu()
-  const elapsed = performance.now() - t0
-  return (100 * (sys1.busyMs - sys0.busyMs - (ours1 - ours0) + sys1.stealMs - sys0.stealMs)) / elapsed
-}
-
-/**
- * Waits while other processes use more than `noisyPct` % of a core, until `samples` quiet samples
- * in a row; busy samples use up the `--wait-quiet` budget. False when the budget ran out.
- */
-const waitQuiet = async (
-  samples: number,
-  sampleMs: number,
-  pids: ReadonlyArray<number>
-): Promise<boolean> => {
-  let quiet = 0
-  let logged = false
-  while (quiet < samples) {
-    if (quietBudgetMs <= 0) return false
-    const t0 = performance.now()
-    const pct = await otherCpuPct(sampleMs, pids)
-    if (pct < noisyPct) quiet++
-    else {
-      quiet = 0
-      const spent = performance.now() - t0
-      quietBudgetMs -= spent
-      waitedMs += spent
-      if (!logged) log(`waiting for other processes to go quiet (${Math.round(pct)}% of a core)`)
-      logged = true
-    }
-  }
-  return true
-}
+/** The `--wait-quiet` budget, shared by the whole run (`Procs.quietWaiter`). */
+const quiet = Procs.quietWaiter(config.waitQuietMs, log)
+const { noisyPct } = Procs
 
 // --- Summaries -----------------------------------------------------------------------------
 
@@ -700,7 +656,7 @@ const markdown = (
 const otherLoad = (quietAtStart: boolean, runs: ReadonlyArray<Measurement>): string => {
   const noisy = runs.filter((m) => m.otherCpuPct + m.stealPct > noisyPct).length
   return (
-    `${quietAtStart ? "quiet" : "busy"} at the start; waited ${Math.round(waitedMs / 1000)} s in all for quiet ` +
+    `${quietAtStart ? "quiet" : "busy"} at the start; waited ${Math.round(quiet.waitedMs() / 1000)} s in all for quiet ` +
     `(budget --wait-quiet ${config.waitQuietMs / 1000} s); ${noisy} of ${runs.length} measured runs noisy ` +
     `(other processes > ${noisyPct}% of a core during the run)`
   )
@@ -720,7 +676,7 @@ const main = async (): Promise<void> => {
   )
   log(`${pinning}`)
   log(`plan: ${latencyRuns} latency runs + up to ${satRuns} saturation runs, about ${estimateS} s`)
-  const quietAtStart = await waitQuiet(2, 1000, [])
+  const quietAtStart = await quiet.wait(2, 1000, [])
   const startedAt = new Date()
   const load0 = loadavg()
 
