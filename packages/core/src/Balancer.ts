@@ -4,11 +4,12 @@
  * `weighted` (smooth weighted round-robin, as nginx does it) are there for operators who want
  * them. Groundwork for the BackendPool: a pick runs per request, so it allocates nothing.
  */
-import { Clock, Effect, Schema } from "effect"
+import { GatewayConfig } from "@gateway/domain"
+import { Clock, Effect } from "effect"
 
 /** How a model's replica is chosen (`balancer` in the config); `p2c` by default. */
-export const Strategy = Schema.Literal("p2c", "round_robin", "weighted")
-export type Strategy = typeof Strategy.Type
+export const Strategy = GatewayConfig.BalancerStrategy
+export type Strategy = GatewayConfig.BalancerStrategy
 
 export const defaultStrategy: Strategy = "p2c"
 

@@ -7,46 +7,12 @@
  * breaker instance and is changed only inside its own synchronous steps, so every decision is
  * atomic and `acquire` in the closed state costs a clock read and an allocation.
  */
-import { Errors } from "@gateway/domain"
+import { Errors, GatewayConfig } from "@gateway/domain"
 import { Cause, Effect, type Exit, Option, Schema } from "effect"
 
-const PositiveInt = Schema.Int.pipe(Schema.greaterThanOrEqualTo(1))
-
-const snakeWithDefault = <S extends Schema.Schema.AnyNoContext>(
-  key: string,
-  schema: S,
-  value: () => Schema.Schema.Type<S>
-) => Schema.optionalWith(schema, { default: value }).pipe(Schema.fromKey(key))
-
 /** The `circuit_breaker` section of the config file; every key has a default. */
-export class CircuitBreakerConfig extends Schema.Class<CircuitBreakerConfig>("CircuitBreakerConfig")({
-  /** Opens after this many failures in a row. */
-  consecutiveFailures: snakeWithDefault("consecutive_failures", PositiveInt, () => 5),
-  /** Opens when this share of the calls in the window failed (0 < rate ≤ 1) … */
-  failureRate: snakeWithDefault(
-    "failure_rate",
-    Schema.Number.pipe(Schema.greaterThan(0), Schema.lessThanOrEqualTo(1)),
-    () => 0.5
-  ),
-  /** … over the last `window_ms` … */
-  windowMs: snakeWithDefault("window_ms", PositiveInt, () => 10_000),
-  /** … once the window holds at least this many calls. */
-  minimumRequests: snakeWithDefault("minimum_requests", PositiveInt, () => 20),
-  /** How long the first open lasts. */
-  cooldownMs: snakeWithDefault("cooldown_ms", PositiveInt, () => 30_000),
-  /** Each re-open without closing in between multiplies the cooldown by this (1: no growth) … */
-  cooldownFactor: snakeWithDefault(
-    "cooldown_factor",
-    Schema.Number.pipe(Schema.greaterThanOrEqualTo(1), Schema.finite()),
-    () => 2
-  ),
-  /** … up to this. */
-  maxCooldownMs: snakeWithDefault("max_cooldown_ms", PositiveInt, () => 300_000),
-  /** Calls let through at once while half-open. */
-  halfOpenProbes: snakeWithDefault("half_open_probes", PositiveInt, () => 1),
-  /** Successful probes that close the breaker again. */
-  successesToClose: snakeWithDefault("successes_to_close", PositiveInt, () => 2)
-}) {}
+export const CircuitBreakerConfig = GatewayConfig.CircuitBreakerConfig
+export type CircuitBreakerConfig = GatewayConfig.CircuitBreakerConfig
 
 export type State = "closed" | "open" | "half_open"
 
@@ -119,6 +85,11 @@ export interface CircuitBreaker {
   /** A permit to call the backend, or `BreakerOpen` at once when the breaker refuses. */
   readonly acquire: Effect.Effect<Permit, BreakerOpen>
   readonly state: Effect.Effect<Snapshot>
+  /**
+   * Whether `acquire` would give a permit now (closed, cooldown over, or a probe slot free),
+   * without changing anything: what a balancer filters its candidates by.
+   */
+  readonly unsafeAvailable: () => boolean
 }
 
 type Outcome = "success" | "failure" | "release"
@@ -320,7 +291,13 @@ export const make = (options: {
       )
     })
 
-    return { backend, acquire, state: snapshot } satisfies CircuitBreaker
+    const unsafeAvailable = () =>
+      state === "closed" ||
+      (state === "open"
+        ? clock.unsafeCurrentTimeMillis() >= openUntil
+        : probesInFlight < config.halfOpenProbes)
+
+    return { backend, acquire, state: snapshot, unsafeAvailable } satisfies CircuitBreaker
   })
 
 /** Counts only failures that say something about the backend's health: retryable `BackendError`s. */

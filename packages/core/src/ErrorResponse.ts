@@ -77,6 +77,24 @@ const renderBackend = (error: Errors.BackendError): Rendered => {
         status: 502,
         body: body("The model backend sent an invalid answer.", "api_error", "backend_protocol_error")
       }
+    case "StreamError":
+      return {
+        status: 502,
+        body: body(
+          `The model backend reported an error in its answer (${error.detail}).`,
+          "api_error",
+          "backend_error"
+        )
+      }
+    case "Unavailable":
+      return {
+        status: 503,
+        body: body(
+          `No backend of the model can take the request now (${error.detail}).`,
+          "api_error",
+          "backend_unavailable"
+        )
+      }
   }
 }
 

@@ -5,31 +5,12 @@
  * bound of the next delay. Groundwork for the BackendPool, which retries only before the first
  * byte has gone to the client.
  */
-import { Errors } from "@gateway/domain"
-import { Clock, Duration, Effect, Schedule, Schema } from "effect"
-
-const PositiveInt = Schema.Int.pipe(Schema.greaterThanOrEqualTo(1))
-const NonNegativeInt = Schema.Int.pipe(Schema.nonNegative())
-
-const snakeWithDefault = <S extends Schema.Schema.AnyNoContext>(
-  key: string,
-  schema: S,
-  value: () => Schema.Schema.Type<S>
-) => Schema.optionalWith(schema, { default: value }).pipe(Schema.fromKey(key))
+import { Errors, GatewayConfig } from "@gateway/domain"
+import { Clock, Duration, Effect, Schedule } from "effect"
 
 /** The `retry` section of the config file (snake_case there, camelCase here). */
-export class RetryConfig extends Schema.Class<RetryConfig>("RetryConfig")({
-  /** Attempts in all, the first included; 1 means no retry. */
-  maxAttempts: snakeWithDefault("max_attempts", PositiveInt, () => 3),
-  /** Delay before the first retry; doubled for each one after it. */
-  baseDelayMs: snakeWithDefault("base_delay_ms", NonNegativeInt, () => 50),
-  /** Ceiling of the backoff (a backend's `retry-after` may ask for more). */
-  maxDelayMs: snakeWithDefault("max_delay_ms", NonNegativeInt, () => 2_000),
-  /** From the start of the first attempt: no retry begins after it. */
-  deadlineMs: snakeWithDefault("deadline_ms", PositiveInt, () => 30_000),
-  /** Each delay is drawn uniformly from [½, 1] × the backoff, so retries of many requests spread out. */
-  jitter: snakeWithDefault("jitter", Schema.Boolean, () => true)
-}) {}
+export const RetryConfig = GatewayConfig.RetryConfig
+export type RetryConfig = GatewayConfig.RetryConfig
 
 export const defaultConfig: RetryConfig = new RetryConfig({})
 

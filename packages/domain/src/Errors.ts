@@ -50,7 +50,11 @@ export const BackendFailure = Schema.Literal(
   /** The body broke off or could not be read. */
   "StreamBroken",
   /** The backend answered something that is not the OpenAI wire format. */
-  "Protocol"
+  "Protocol",
+  /** The backend sent an error event inside a 200 stream. */
+  "StreamError",
+  /** No replica could be tried: every one is ejected or its circuit is open. */
+  "Unavailable"
 )
 export type BackendFailure = typeof BackendFailure.Type
 

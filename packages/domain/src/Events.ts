@@ -141,7 +141,9 @@ export class RequestCompleted extends Schema.TaggedClass<RequestCompleted>()("Re
   /** Served from the response cache. */
   cached: Schema.Boolean,
   stream: Schema.Boolean,
-  status: HttpStatus
+  status: HttpStatus,
+  /** Backend calls it took, retries and fallbacks included (absent in early records: 1). */
+  attempts: optional(PositiveInt)
 }) {}
 
 export const FailureError = Schema.Struct({

@@ -28,11 +28,19 @@ const HttpUrl = Schema.String.pipe(
   })
 )
 
-/** Per-attempt timeouts; a model may override any of them. */
+/**
+ * Per-attempt timeouts; a model may override any of them. Before the first byte of the answer
+ * has gone to the client a timeout is a retryable failure; after it, a clean stream error.
+ */
 export class Timeouts extends Schema.Class<Timeouts>("Timeouts")({
   connectMs: snakeWithDefault("connect_ms", PositiveInt, () => 5_000),
-  /** Until the backend's response headers arrive. */
+  /**
+   * Time to first token: until the first event of a streamed answer, or the response of a whole
+   * one (a server sends that only once it has generated everything).
+   */
   firstByteMs: snakeWithDefault("first_byte_ms", PositiveInt, () => 60_000),
+  /** The longest silence between two chunks of a streamed answer. */
+  idleMs: snakeWithDefault("idle_ms", PositiveInt, () => 30_000),
   /** The whole attempt, body included. */
   totalMs: snakeWithDefault("total_ms", PositiveInt, () => 600_000)
 }) {}
@@ -40,8 +48,147 @@ export class Timeouts extends Schema.Class<Timeouts>("Timeouts")({
 const TimeoutsOverride = Schema.Struct({
   connectMs: snake("connect_ms", PositiveInt),
   firstByteMs: snake("first_byte_ms", PositiveInt),
+  idleMs: snake("idle_ms", PositiveInt),
   totalMs: snake("total_ms", PositiveInt)
 })
+
+const NonNegativeInt = Schema.Int.pipe(Schema.nonNegative())
+const Rate = Schema.Number.pipe(Schema.greaterThan(0), Schema.lessThanOrEqualTo(1))
+const Factor = Schema.Number.pipe(Schema.greaterThanOrEqualTo(1), Schema.finite())
+
+/** How a model's replica is chosen: `p2c` (power of two choices on load × latency) by default. */
+export const BalancerStrategy = Schema.Literal("p2c", "round_robin", "weighted")
+export type BalancerStrategy = typeof BalancerStrategy.Type
+
+/** The `circuit_breaker` section (of `pool`, or of one model over it); every key has a default. */
+export class CircuitBreakerConfig extends Schema.Class<CircuitBreakerConfig>("CircuitBreakerConfig")({
+  /** Opens after this many failures in a row. */
+  consecutiveFailures: snakeWithDefault("consecutive_failures", PositiveInt, () => 5),
+  /** Opens when this share of the calls in the window failed (0 < rate ≤ 1) … */
+  failureRate: snakeWithDefault("failure_rate", Rate, () => 0.5),
+  /** … over the last `window_ms` … */
+  windowMs: snakeWithDefault("window_ms", PositiveInt, () => 10_000),
+  /** … once the window holds at least this many calls. */
+  minimumRequests: snakeWithDefault("minimum_requests", PositiveInt, () => 20),
+  /** How long the first open lasts. */
+  cooldownMs: snakeWithDefault("cooldown_ms", PositiveInt, () => 30_000),
+  /** Each re-open without closing in between multiplies the cooldown by this (1: no growth) … */
+  cooldownFactor: snakeWithDefault("cooldown_factor", Factor, () => 2),
+  /** … up to this. */
+  maxCooldownMs: snakeWithDefault("max_cooldown_ms", PositiveInt, () => 300_000),
+  /** Calls let through at once while half-open. */
+  halfOpenProbes: snakeWithDefault("half_open_probes", PositiveInt, () => 1),
+  /** Successful probes that close the breaker again. */
+  successesToClose: snakeWithDefault("successes_to_close", PositiveInt, () => 2)
+}) {}
+
+const CircuitBreakerOverride = Schema.Struct({
+  consecutiveFailures: snake("consecutive_failures", PositiveInt),
+  failureRate: snake("failure_rate", Rate),
+  windowMs: snake("window_ms", PositiveInt),
+  minimumRequests: snake("minimum_requests", PositiveInt),
+  cooldownMs: snake("cooldown_ms", PositiveInt),
+  cooldownFactor: snake("cooldown_factor", Factor),
+  maxCooldownMs: snake("max_cooldown_ms", PositiveInt),
+  halfOpenProbes: snake("half_open_probes", PositiveInt),
+  successesToClose: snake("successes_to_close", PositiveInt)
+})
+
+/** The `retry` section: when a failed attempt is tried again (before the answer's first byte). */
+export class RetryConfig extends Schema.Class<RetryConfig>("RetryConfig")({
+  /** Attempts on one model, the first included; 1 means no retry (fallback models get their own). */
+  maxAttempts: snakeWithDefault("max_attempts", PositiveInt, () => 3),
+  /** Delay before the first retry; doubled for each one after it. */
+  baseDelayMs: snakeWithDefault("base_delay_ms", NonNegativeInt, () => 50),
+  /** Ceiling of the backoff (a backend's `retry-after` may ask for more). */
+  maxDelayMs: snakeWithDefault("max_delay_ms", NonNegativeInt, () => 2_000),
+  /** From the start of the request: no retry or fallback begins after it. */
+  deadlineMs: snakeWithDefault("deadline_ms", PositiveInt, () => 30_000),
+  /** Each delay is drawn uniformly from [½, 1] × the backoff, so retries of many requests spread out. */
+  jitter: snakeWithDefault("jitter", Schema.Boolean, () => true)
+}) {}
+
+const RetryOverride = Schema.Struct({
+  maxAttempts: snake("max_attempts", PositiveInt),
+  baseDelayMs: snake("base_delay_ms", NonNegativeInt),
+  maxDelayMs: snake("max_delay_ms", NonNegativeInt),
+  deadlineMs: snake("deadline_ms", PositiveInt),
+  jitter: snake("jitter", Schema.Boolean)
+})
+
+const UrlPath = Schema.String.pipe(Schema.pattern(/^\/[^\s]*$/, { message: () => "must be a path starting with '/'" }))
+
+/**
+ * The `health` section: active checks (a `GET` of `path` every `interval_ms`) and passive ones
+ * (requests that fail to connect or time out). An ejected replica gets no traffic; it is probed
+ * every `interval_ms` and restored after `healthy_threshold` good probes in a row.
+ */
+export class HealthConfig extends Schema.Class<HealthConfig>("HealthConfig")({
+  /** `GET` this on the replica's origin (`/health` for vLLM and TGI, `/v1/models` elsewhere). */
+  path: snakeWithDefault("path", UrlPath, () => "/health"),
+  /** Check healthy replicas too; ejected ones are always probed. */
+  active: snakeWithDefault("active", Schema.Boolean, () => true),
+  intervalMs: snakeWithDefault("interval_ms", PositiveInt, () => 5_000),
+  timeoutMs: snakeWithDefault("timeout_ms", PositiveInt, () => 2_000),
+  /** Failed checks in a row that eject a replica. */
+  unhealthyThreshold: snakeWithDefault("unhealthy_threshold", PositiveInt, () => 2),
+  /** Good probes in a row that restore it. */
+  healthyThreshold: snakeWithDefault("healthy_threshold", PositiveInt, () => 2),
+  /** Requests in a row that could not connect or timed out, that eject a replica (0: never). */
+  ejectAfterFailures: snakeWithDefault("eject_after_failures", NonNegativeInt, () => 3)
+}) {}
+
+const HealthOverride = Schema.Struct({
+  path: snake("path", UrlPath),
+  active: snake("active", Schema.Boolean),
+  intervalMs: snake("interval_ms", PositiveInt),
+  timeoutMs: snake("timeout_ms", PositiveInt),
+  unhealthyThreshold: snake("unhealthy_threshold", PositiveInt),
+  healthyThreshold: snake("healthy_threshold", PositiveInt),
+  ejectAfterFailures: snake("eject_after_failures", NonNegativeInt)
+})
+
+/**
+ * The `queue_metrics` section: scrape a vLLM-style `/metrics` (`vllm:num_requests_waiting`,
+ * `vllm:num_requests_running`) so the balancer counts the server's own queue. Off unless set.
+ */
+export class QueueMetricsConfig extends Schema.Class<QueueMetricsConfig>("QueueMetricsConfig")({
+  path: snakeWithDefault("path", UrlPath, () => "/metrics"),
+  intervalMs: snakeWithDefault("interval_ms", PositiveInt, () => 2_000),
+  timeoutMs: snakeWithDefault("timeout_ms", PositiveInt, () => 1_000)
+}) {}
+
+/** How every model's replicas are balanced, checked and retried, unless the model says otherwise. */
+export class PoolConfig extends Schema.Class<PoolConfig>("PoolConfig")({
+  balancer: Schema.optionalWith(BalancerStrategy, { default: () => "p2c" as const }),
+  circuitBreaker: snakeWithDefault("circuit_breaker", CircuitBreakerConfig, () => CircuitBreakerConfig.make({})),
+  retry: Schema.optionalWith(RetryConfig, { default: () => RetryConfig.make({}) }),
+  health: Schema.optionalWith(HealthConfig, { default: () => HealthConfig.make({}) }),
+  queueMetrics: snake("queue_metrics", QueueMetricsConfig)
+}) {}
+
+/** The pool settings that apply to one model: its own keys over the `pool` section's. */
+export interface ModelPolicy {
+  readonly balancer: BalancerStrategy
+  readonly circuitBreaker: CircuitBreakerConfig
+  readonly retry: RetryConfig
+  readonly health: HealthConfig
+  readonly queueMetrics: QueueMetricsConfig | undefined
+  /** Models to try, in order, when none of this model's replicas can answer. */
+  readonly fallbacks: ReadonlyArray<string>
+}
+
+/** `base` with the keys `override` sets (absent keys keep `base`'s value). */
+const overlay = <A extends object>(
+  base: A,
+  override: { readonly [K in keyof A]?: A[K] | undefined } | undefined,
+  make: (a: A) => A
+): A => {
+  if (override === undefined) return base
+  const merged: Record<string, unknown> = { ...(base as Record<string, unknown>) }
+  for (const [key, value] of Object.entries(override)) if (value !== undefined) merged[key] = value
+  return make(merged as A)
+}
 
 /** One replica of a model: an OpenAI-compatible server (vLLM, TGI, Ollama, OpenAI …). */
 export class BackendConfig extends Schema.Class<BackendConfig>("BackendConfig")({
@@ -75,7 +222,14 @@ export class ModelConfig extends Schema.Class<ModelConfig>("ModelConfig")({
   ownedBy: snakeWithDefault("owned_by", Schema.String, () => "gateway"),
   backends: Schema.NonEmptyArray(BackendConfig),
   timeouts: Schema.optional(TimeoutsOverride),
-  pricing: Schema.optional(ModelPricing)
+  pricing: Schema.optional(ModelPricing),
+  /** Models to fall back to, in order, when none of this one's replicas can answer. */
+  fallbacks: Schema.optionalWith(Schema.Array(ModelName), { default: () => [] }),
+  balancer: Schema.optional(BalancerStrategy),
+  circuitBreaker: snake("circuit_breaker", CircuitBreakerOverride),
+  retry: Schema.optional(RetryOverride),
+  health: Schema.optional(HealthOverride),
+  queueMetrics: snake("queue_metrics", QueueMetricsConfig)
 }) {}
 
 export class ServerConfig extends Schema.Class<ServerConfig>("ServerConfig")({
@@ -144,6 +298,16 @@ const uniqueNames = (models: ReadonlyArray<ModelConfig>) => {
       ids.add(backend.id)
     }
   }
+  for (const [i, model] of models.entries()) {
+    for (const [j, fallback] of model.fallbacks.entries()) {
+      if (fallback === model.name) {
+        return { path: [i, "fallbacks", j], message: `model '${model.name}' cannot fall back to itself` }
+      }
+      if (!seen.has(fallback)) {
+        return { path: [i, "fallbacks", j], message: `unknown model '${fallback}'` }
+      }
+    }
+  }
   return true
 }
 
@@ -153,6 +317,7 @@ export class GatewayConfig extends Schema.Class<GatewayConfig>("GatewayConfig")(
   events: Schema.optionalWith(EventsConfig, { default: () => EventsConfig.make({}) }),
   limits: Schema.optionalWith(LimitsConfig, { default: () => LimitsConfig.make({}) }),
   metering: Schema.optionalWith(MeteringConfig, { default: () => MeteringConfig.make({}) }),
+  pool: Schema.optionalWith(PoolConfig, { default: () => PoolConfig.make({}) }),
   models: Schema.NonEmptyArray(ModelConfig).pipe(Schema.filter(uniqueNames))
 }) {
   /** The timeouts that apply to one model: its overrides over the global ones. */
@@ -163,7 +328,21 @@ export class GatewayConfig extends Schema.Class<GatewayConfig>("GatewayConfig")(
       : Timeouts.make({
           connectMs: o.connectMs ?? this.timeouts.connectMs,
           firstByteMs: o.firstByteMs ?? this.timeouts.firstByteMs,
+          idleMs: o.idleMs ?? this.timeouts.idleMs,
           totalMs: o.totalMs ?? this.timeouts.totalMs
         })
+  }
+
+  /** The balancer, breaker, retry and health settings of one model: its keys over `pool`'s. */
+  policyFor(model: ModelConfig): ModelPolicy {
+    const pool = this.pool
+    return {
+      balancer: model.balancer ?? pool.balancer,
+      circuitBreaker: overlay(pool.circuitBreaker, model.circuitBreaker, (c) => CircuitBreakerConfig.make(c)),
+      retry: overlay(pool.retry, model.retry, (c) => RetryConfig.make(c)),
+      health: overlay(pool.health, model.health, (c) => HealthConfig.make(c)),
+      queueMetrics: model.queueMetrics ?? pool.queueMetrics,
+      fallbacks: model.fallbacks
+    }
   }
 }

@@ -1,3 +1,4 @@
+export * as BackendEvents from "./BackendEvents.js"
 export * as Errors from "./Errors.js"
 export * as Events from "./Events.js"
 export * as GatewayConfig from "./GatewayConfig.js"
