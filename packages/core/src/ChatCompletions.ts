@@ -3,21 +3,23 @@
  * the attempt, and answer with the backend's JSON or forward its SSE stream chunk by chunk.
  */
 import { type HttpServerRequest, HttpServerResponse } from "@effect/platform"
-import { Errors, Events, OpenAi } from "@gateway/domain"
-import { Effect, Either, Exit, ParseResult, Runtime } from "effect"
+import { Errors, Events, Ids, OpenAi } from "@gateway/domain"
+import { Clock, Effect, Either, Exit, ParseResult, Runtime, Schedule } from "effect"
 import { Auth } from "./Auth.js"
+import { BackendPool, type ModelPool } from "./BackendPool.js"
 import type { RequestInfo } from "./CurrentRequest.js"
 import * as ErrorResponse from "./ErrorResponse.js"
 import { Meter } from "./Meter.js"
-import { Models } from "./Models.js"
 import { type Admission, RateLimiter } from "./RateLimiter.js"
-import { Recorder } from "./Recorder.js"
+import { Recorder, type Recording } from "./Recorder.js"
+import type { Lease, Replica } from "./Replica.js"
 import * as RequestBody from "./RequestBody.js"
+import * as RetryPolicy from "./RetryPolicy.js"
 import { Settings } from "./Settings.js"
 import * as SseRelay from "./SseRelay.js"
 import { SseScanner, UsageFilter } from "./SseScanner.js"
 import * as Tokenizer from "./Tokenizer.js"
-import { Upstream } from "./Upstream.js"
+import { type ChatResponse, Upstream } from "./Upstream.js"
 
 const decoder = new TextDecoder()
 
@@ -131,6 +133,16 @@ const withUsageRequested = (raw: Uint8Array, body: OpenAi.ChatCompletionRequest)
 
 const nothingUsed = { tokens: 0, costMicroUsd: 0 }
 
+/** The attempt that answers: its answer, replica and lease, and the model it belongs to. */
+interface Committed {
+  readonly answer: ChatResponse
+  readonly replica: Replica
+  readonly lease: Lease
+  readonly pool: ModelPool
+  /** Attempts made in all, this one included. */
+  readonly attempts: number
+}
+
 const elapsed = (since: number) => Math.round((performance.now() - since) * 100) / 100
 
 const attemptError = (error: Errors.BackendError): Events.AttemptError => ({
@@ -141,7 +153,7 @@ const attemptError = (error: Errors.BackendError): Events.AttemptError => ({
 
 export class ChatCompletions extends Effect.Service<ChatCompletions>()("@gateway/core/ChatCompletions", {
   effect: Effect.gen(function* () {
-    const models = yield* Models
+    const pool = yield* BackendPool
     const upstream = yield* Upstream
     const recorder = yield* Recorder
     const meter = yield* Meter
@@ -152,6 +164,164 @@ export class ChatCompletions extends Effect.Service<ChatCompletions>()("@gateway
     const { defaultMaxTokens } = settings.limits
     const { drainAfterDisconnectMs } = settings.metering
     const counter = Tokenizer.makeCounter()
+
+    /**
+     * Makes attempts until one answers: on the requested model's replicas as its balancer picks
+     * them (a retry goes to another replica when there is one, after the retry schedule's
+     * backoff), then along its fallback chain, until an attempt commits (a whole answer, or a
+     * stream's first event) or the attempts, the deadline or the chain run out. Every attempt
+     * and why it was made is recorded; the last failure is recorded and returned.
+     */
+    const dispatch = (
+      primary: ModelPool,
+      recording: Recording,
+      info: RequestInfo,
+      outgoing: { readonly raw: Uint8Array; readonly body: OpenAi.ChatCompletionRequest }
+    ): Effect.Effect<Committed, Errors.BackendError> =>
+      Effect.gen(function* () {
+        const startedAt = yield* Clock.currentTimeMillis
+        const deadlineAt = startedAt + primary.policy.retry.deadlineMs
+        const chain: Array<ModelPool> = [primary]
+        for (const name of primary.policy.fallbacks) {
+          const fallback = pool.model(name)
+          if (fallback !== undefined) chain.push(fallback)
+        }
+        let attempt = 0
+        let lastError: Errors.BackendError | undefined
+        let lastBackend: string | undefined
+        let why: Events.RouteReason = "requested"
+        let detail: string | undefined
+        for (let m = 0; m < chain.length; m++) {
+          const target = chain[m]!
+          const last = m === chain.length - 1
+          const { maxAttempts } = target.policy.retry
+          const tried = new Set<string>()
+          const refused = new Set<string>()
+          const backoff = yield* Schedule.driver(RetryPolicy.schedule(target.policy.retry, startedAt))
+          let here = 0
+          while (here < maxAttempts) {
+            // Nothing else can answer: ejected replicas are tried too (the checks may be wrong).
+            const replica =
+              (yield* target.pick(tried)) ??
+              (last && here === 0 ? yield* target.pick(tried, true) : undefined)
+            if (replica === undefined || refused.has(replica.id)) break
+            // Every replica failed once and another model may answer: fall back rather than retry.
+            if (tried.has(replica.id) && !last) break
+            const begun = yield* Effect.either(replica.begin())
+            if (Either.isLeft(begun)) {
+              // Its breaker changed its mind since the pick (a half-open probe slot was taken).
+              refused.add(replica.id)
+              tried.add(replica.id)
+              continue
+            }
+            const lease = begun.right
+            attempt++
+            here++
+            lastBackend = replica.id
+            info.backend = replica.id
+            yield* recording.record(
+              new Events.RequestRouted(
+                {
+                  model: target.entry.config.name,
+                  backend: replica.target.backend.id,
+                  upstreamModel: replica.target.upstreamModel,
+                  why,
+                  detail: detail ?? `balancer ${target.policy.balancer}`
+                },
+                true
+              ),
+              new Events.AttemptStarted(
+                { attempt, backend: replica.target.backend.id, model: target.entry.config.name },
+                true
+              )
+            )
+            const result = yield* upstream
+              .chat({
+                requestId: info.requestId,
+                clientRequestId: info.clientRequestId,
+                target: replica.target,
+                body: outgoing.body,
+                raw: outgoing.raw
+              })
+              .pipe(
+                Effect.onInterrupt(() => lease.release),
+                Effect.either
+              )
+            if (Either.isRight(result)) {
+              if (result.right._tag === "Streaming") lease.firstToken()
+              return { answer: result.right, replica, lease, pool: target, attempts: attempt }
+            }
+            const error = result.left
+            yield* lease.fail(error)
+            lastError = error
+            tried.add(replica.id)
+            yield* recording.record(
+              new Events.AttemptFailed(
+                {
+                  attempt,
+                  backend: replica.target.backend.id,
+                  error: attemptError(error),
+                  retryable: error.retryable,
+                  afterFirstByte: false
+                },
+                true
+              )
+            )
+            // The backend refused the request itself (400 …): another replica would too.
+            if (!error.retryable) break
+            yield* Effect.logWarning("backend attempt failed").pipe(
+              Effect.annotateLogs({ backend: replica.id, model: target.name, attempt, error: error.message })
+            )
+            if (here >= maxAttempts) break
+            if (!last && target.replicas.every((r) => tried.has(r.id) || !r.available())) break
+            // Waits out the backoff; done when the attempts or the deadline are used up.
+            if (Either.isLeft(yield* Effect.either(backoff.next(error)))) break
+            why = "retry"
+            detail = `${error.reason}${error.status === undefined ? "" : ` ${error.status}`} on ${replica.id}`
+          }
+          if (lastError !== undefined && !lastError.retryable) break
+          if (last || (yield* Clock.currentTimeMillis) >= deadlineAt) break
+          why = "fallback"
+          detail =
+            lastError !== undefined && lastBackend !== undefined && tried.has(lastBackend)
+              ? `${target.name} failed: ${lastError.reason}${lastError.status === undefined ? "" : ` ${lastError.status}`}`
+              : `${target.name} unavailable (${target.unavailable()})`
+          yield* Effect.logWarning("falling back to another model").pipe(
+            Effect.annotateLogs({ from: target.name, to: chain[m + 1]!.name, why: detail })
+          )
+        }
+        const retryAfterMs = primary.retryAfterMs()
+        const error =
+          lastError ??
+          new Errors.BackendError({
+            reason: "Unavailable",
+            backend: primary.replicas[0]?.id ?? primary.name,
+            detail: chain.map((p) => p.unavailable()).join("; "),
+            ...(retryAfterMs === undefined
+              ? {}
+              : { retryAfter: String(Math.max(1, Math.ceil(retryAfterMs / 1000))) })
+          })
+        info.error = error.message
+        const rendered = ErrorResponse.render(error)
+        yield* recording
+          .finish(
+            new Events.RequestFailed(
+              {
+                status: rendered.status,
+                error: {
+                  code: String(rendered.body.error.code ?? "backend_error"),
+                  message: error.message,
+                  reason: error.reason
+                },
+                attempts: attempt,
+                ...(lastBackend === undefined ? {} : { lastBackend: Ids.BackendId.make(lastBackend) })
+              },
+              true
+            )
+          )
+          .pipe(Effect.catchAll((e) => Effect.logWarning("could not record a failed request", e.message)))
+        return yield* Effect.fail(error)
+      })
 
     const handle = (
       request: HttpServerRequest.HttpServerRequest,
@@ -176,6 +346,13 @@ export class ChatCompletions extends Effect.Service<ChatCompletions>()("@gateway
       })
       /** The request's hold on its limits; settled on every way out (only the first settle counts). */
       let admission: Admission | undefined
+      const cancelledAt = (tokensDelivered: number, afterFirstByte: boolean) => ({
+        tokensDelivered,
+        latencyMs: elapsed(info.startedAt),
+        afterFirstByte
+      })
+      const cancelled = (tokensDelivered: number, afterFirstByte: boolean) =>
+        new Events.RequestCancelled(cancelledAt(tokensDelivered, afterFirstByte), true)
       return Effect.gen(function* () {
         // Serve nothing that could not be put on the books.
         if (!(yield* recorder.accepting)) return yield* unrecorded()
@@ -186,10 +363,8 @@ export class ChatCompletions extends Effect.Service<ChatCompletions>()("@gateway
         info.stream = stream
         const allowed = auth.authorizeModel(principal, body.model)
         if (Either.isLeft(allowed)) return yield* allowed.left
-        const target = yield* models.resolve(body.model)
-        const backend = target.backend.id
-        const model = target.model.name
-        info.backend = backend
+        const primary = pool.model(body.model)
+        if (primary === undefined) return yield* new Errors.ModelNotFound({ model: body.model })
 
         // Reserve the worst case: the prompt as the tokenizer counts it, and every token the
         // answer may have. Counted only for callers with token or spend limits.
@@ -201,14 +376,14 @@ export class ChatCompletions extends Effect.Service<ChatCompletions>()("@gateway
               const completion = Tokenizer.maxCompletion(body, defaultMaxTokens)
               return {
                 tokens: prompt + completion,
-                costMicroUsd: meter.cost(model, prompt, completion)?.amountMicroUsd ?? 0
+                costMicroUsd: meter.cost(primary.name, prompt, completion)?.amountMicroUsd ?? 0
               }
             })()
           : nothingUsed
         admission = yield* limiter.admit(
           principal,
           estimate,
-          target.timeouts.totalMs + drainAfterDisconnectMs + 30_000
+          primary.policy.retry.deadlineMs + primary.timeouts.totalMs + drainAfterDisconnectMs + 30_000
         )
         const held = admission
         const limitHeaders = held.headers
@@ -229,68 +404,31 @@ export class ChatCompletions extends Effect.Service<ChatCompletions>()("@gateway
               payload: recording.payload(raw, body)
             },
             true
-          ),
-          new Events.RequestRouted(
-            { model, backend, upstreamModel: target.upstreamModel, why: "round_robin" },
-            true
-          ),
-          new Events.AttemptStarted({ attempt: 1, backend, model }, true)
+          )
         )
-
-        const failed = (error: Errors.BackendError, afterFirstByte: boolean) => {
-          const rendered = ErrorResponse.render(error)
-          return [
-            new Events.AttemptFailed(
-              { attempt: 1, backend, error: attemptError(error), retryable: error.retryable, afterFirstByte },
-              true
-            ),
-            new Events.RequestFailed(
-              {
-                status: afterFirstByte ? 200 : rendered.status,
-                error: {
-                  code: String(rendered.body.error.code ?? "backend_error"),
-                  message: error.message,
-                  reason: error.reason
-                },
-                attempts: 1,
-                lastBackend: backend
-              },
-              true
-            )
-          ] as const
-        }
-        const cancelledAt = (tokensDelivered: number, afterFirstByte: boolean) => ({
-          tokensDelivered,
-          latencyMs: elapsed(info.startedAt),
-          afterFirstByte
-        })
-        const cancelled = (tokensDelivered: number, afterFirstByte: boolean) =>
-          new Events.RequestCancelled(cancelledAt(tokensDelivered, afterFirstByte), true)
 
         const outgoing = withUsageRequested(raw, body)
         // Taken before the attempt: from the answer to the relay below there is no yield, so no
         // interruption can leave a backend body without a reader.
         const run = Runtime.runPromise(yield* Effect.runtime<never>())
-        const answer = yield* upstream
-          .chat({
-            requestId: info.requestId,
-            clientRequestId: info.clientRequestId,
-            target,
-            body: outgoing.body,
-            raw: outgoing.raw
-          })
-          .pipe(
-            Effect.tapError((error) =>
-              recording
-                .finish(...failed(error, false))
-                .pipe(
-                  Effect.catchAll((e) => Effect.logWarning("could not record a failed request", e.message))
-                )
-            ),
-            Effect.onInterrupt(() => recording.record(cancelled(0, false)))
-          )
+        const committed = yield* dispatch(primary, recording, info, outgoing).pipe(
+          Effect.onInterrupt(() => recording.record(cancelled(0, false)))
+        )
+        const { answer, replica, lease, attempts } = committed
+        const model = committed.pool.entry.config.name
+        const backend = replica.target.backend.id
+        info.backend = backend
+        info.model = model
+        const answerHeaders: Record<string, string> = {
+          ...limitHeaders,
+          "x-gateway-backend": backend,
+          "x-gateway-model": model
+        }
+        if (committed.pool !== primary) answerHeaders["x-gateway-fallback"] = primary.name
+        if (attempts > 1) answerHeaders["x-gateway-attempts"] = String(attempts)
 
         if (answer._tag === "Complete") {
+          yield* lease.succeed
           const summary = summarize(answer.body)
           const prompt = summary.usage?.prompt_tokens ?? promptTokens()
           const completion = summary.usage?.completion_tokens ?? Tokenizer.countText(summary.text())
@@ -311,7 +449,8 @@ export class ChatCompletions extends Effect.Service<ChatCompletions>()("@gateway
                   finishReason: summary.finishReason,
                   cached: false,
                   stream: false,
-                  status: answer.status
+                  status: answer.status,
+                  attempts
                 },
                 true
               )
@@ -320,7 +459,7 @@ export class ChatCompletions extends Effect.Service<ChatCompletions>()("@gateway
           return HttpServerResponse.uint8Array(answer.body, {
             status: answer.status,
             contentType: "application/json",
-            headers: { ...limitHeaders, "x-gateway-backend": backend }
+            headers: answerHeaders
           })
         }
 
@@ -338,48 +477,85 @@ export class ChatCompletions extends Effect.Service<ChatCompletions>()("@gateway
         const relayed = SseRelay.relay(answer.body, {
           onChunk: (chunk) => scanner.push(chunk),
           drainMs: drainAfterDisconnectMs,
+          idleMs: committed.pool.timeouts.idleMs,
           ...(outgoing.strip ? { filter: new UsageFilter() } : {}),
           // The answer is complete: it goes on the books before the client gets [DONE].
           beforeEnd: () =>
             run(
-              recording
-                .finish(
-                  new Events.RequestCompleted(
-                    {
-                      model,
-                      backend,
-                      ...usageOf(scanner),
-                      usageSource: scanner.usage === undefined ? "estimated" : "backend",
-                      latencyMs: elapsed(info.startedAt),
-                      ttftMs:
-                        scanner.firstContentAt === undefined
-                          ? null
-                          : Math.round((scanner.firstContentAt - info.startedAt) * 100) / 100,
-                      finishReason: scanner.finishReason,
-                      cached: false,
-                      stream: true,
-                      status: 200
-                    },
-                    true
+              lease.succeed.pipe(
+                Effect.zipRight(
+                  recording.finish(
+                    new Events.RequestCompleted(
+                      {
+                        model,
+                        backend,
+                        ...usageOf(scanner),
+                        usageSource: scanner.usage === undefined ? "estimated" : "backend",
+                        latencyMs: elapsed(info.startedAt),
+                        ttftMs:
+                          scanner.firstContentAt === undefined
+                            ? null
+                            : Math.round((scanner.firstContentAt - info.startedAt) * 100) / 100,
+                        finishReason: scanner.finishReason,
+                        cached: false,
+                        stream: true,
+                        status: 200,
+                        attempts
+                      },
+                      true
+                    )
                   )
-                )
-                .pipe(
-                  Effect.as(undefined),
-                  Effect.catchAll((error) => {
-                    info.error = `the completed answer could not be recorded: ${error.message}`
-                    return Effect.succeed(ErrorResponse.toSseEvent(ErrorResponse.render(unrecorded())))
-                  })
-                )
+                ),
+                Effect.as(undefined),
+                Effect.catchAll((error) => {
+                  info.error = `the completed answer could not be recorded: ${error.message}`
+                  return Effect.succeed(ErrorResponse.toSseEvent(ErrorResponse.render(unrecorded())))
+                })
+              )
             ),
           onBreak: (cause) => {
-            // The backend broke off after the headers: the request failed; that is recorded
-            // before the client's stream ends, as any terminal event is.
+            // The backend broke off after the first byte: too late to retry unseen, so the
+            // request failed; that is recorded before the client's stream ends, as any terminal
+            // event is. What was generated before the break is not billed: the client got no answer.
             const error = answer.failure(cause)
             info.error = error.message
-            // What was generated before the break is not billed: the client got no answer.
             held.settle(nothingUsed)
             const event = ErrorResponse.toSseEvent(ErrorResponse.render(error))
-            return run(recording.finish(...failed(error, true)).pipe(Effect.ignore, Effect.as(event)))
+            const rendered = ErrorResponse.render(error)
+            return run(
+              lease.fail(error).pipe(
+                Effect.zipRight(
+                  recording.finish(
+                    new Events.AttemptFailed(
+                      {
+                        attempt: attempts,
+                        backend,
+                        error: attemptError(error),
+                        retryable: error.retryable,
+                        afterFirstByte: true
+                      },
+                      true
+                    ),
+                    new Events.RequestFailed(
+                      {
+                        status: 200,
+                        error: {
+                          code: String(rendered.body.error.code ?? "backend_error"),
+                          message: error.message,
+                          reason: error.reason
+                        },
+                        attempts,
+                        lastBackend: backend,
+                        tokensDelivered: Tokenizer.countText(scanner.completionText())
+                      },
+                      true
+                    )
+                  )
+                ),
+                Effect.ignore,
+                Effect.as(event)
+              )
+            )
           },
           onDisconnect: () => {
             info.clientClosed = true
@@ -391,16 +567,20 @@ export class ChatCompletions extends Effect.Service<ChatCompletions>()("@gateway
             // Gone mid-answer: billed for what the backend generated (it was drained for its usage).
             const usage = usageOf(scanner)
             void run(
-              recording.record(
-                new Events.RequestCancelled(
-                  {
-                    ...cancelledAt(deliveredChunks, deliveredChunks > 0),
-                    model,
-                    backend,
-                    ...usage,
-                    usageSource: scanner.usage === undefined ? "estimated" : "backend"
-                  },
-                  true
+              lease.release.pipe(
+                Effect.zipRight(
+                  recording.record(
+                    new Events.RequestCancelled(
+                      {
+                        ...cancelledAt(deliveredChunks, deliveredChunks > 0),
+                        model,
+                        backend,
+                        ...usage,
+                        usageSource: scanner.usage === undefined ? "estimated" : "backend"
+                      },
+                      true
+                    )
+                  )
                 )
               )
             )
@@ -408,7 +588,7 @@ export class ChatCompletions extends Effect.Service<ChatCompletions>()("@gateway
         })
         return HttpServerResponse.raw(relayed, {
           contentType: "text/event-stream",
-          headers: { ...sseHeaders, ...limitHeaders, "x-gateway-backend": backend }
+          headers: { ...sseHeaders, ...answerHeaders }
         })
       }).pipe(
         // Failed or cut off before an answer: nothing was used, the reservation goes back.

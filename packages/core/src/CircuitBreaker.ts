@@ -90,6 +90,8 @@ export interface CircuitBreaker {
    * without changing anything: what a balancer filters its candidates by.
    */
   readonly unsafeAvailable: () => boolean
+  /** While open: the time left until half-open, in ms; else 0. */
+  readonly unsafeRetryAfterMs: () => number
 }
 
 type Outcome = "success" | "failure" | "release"
@@ -297,7 +299,10 @@ export const make = (options: {
         ? clock.unsafeCurrentTimeMillis() >= openUntil
         : probesInFlight < config.halfOpenProbes)
 
-    return { backend, acquire, state: snapshot, unsafeAvailable } satisfies CircuitBreaker
+    const unsafeRetryAfterMs = () =>
+      state === "open" ? Math.max(0, openUntil - clock.unsafeCurrentTimeMillis()) : 0
+
+    return { backend, acquire, state: snapshot, unsafeAvailable, unsafeRetryAfterMs } satisfies CircuitBreaker
   })
 
 /** Counts only failures that say something about the backend's health: retryable `BackendError`s. */

@@ -9,11 +9,13 @@ import { Errors, Ids } from "@gateway/domain"
 import { Cause, Effect, Either, Exit, Layer } from "effect"
 import { AdminApi } from "./AdminApi.js"
 import { Auth } from "./Auth.js"
+import { BackendPool } from "./BackendPool.js"
 import { ChatCompletions } from "./ChatCompletions.js"
 import { CurrentRequest, type RequestInfo } from "./CurrentRequest.js"
 import * as ErrorResponse from "./ErrorResponse.js"
 import { Models } from "./Models.js"
 import { Readiness } from "./Readiness.js"
+import type * as Replica from "./Replica.js"
 
 const json = (body: unknown, status = 200) =>
   HttpServerResponse.text(JSON.stringify(body), { status, contentType: "application/json" })
@@ -23,11 +25,44 @@ const pathOf = (url: string) => {
   return q === -1 ? url : url.slice(0, q)
 }
 
+const iso = (ms: number | null) => (ms === null ? null : new Date(ms).toISOString())
+
+/** One replica as `GET /admin/backends` shows it. */
+const backendView = (r: Replica.Status) => ({
+  id: r.id,
+  model: r.model,
+  url: r.url,
+  weight: r.weight,
+  health: r.health,
+  ejected_at: iso(r.ejectedAt),
+  circuit: {
+    state: r.breaker.state,
+    since: iso(r.breaker.since),
+    consecutive_failures: r.breaker.consecutiveFailures,
+    window_requests: r.breaker.windowRequests,
+    window_failures: r.breaker.windowFailures,
+    opens: r.breaker.opens,
+    retry_after_ms: r.breaker.retryAfterMs,
+    probes_in_flight: r.breaker.probesInFlight
+  },
+  in_flight: r.inFlight,
+  ttft_ewma_ms: r.ttftMs,
+  latency_ewma_ms: r.latencyMs,
+  queue_waiting: r.queueWaiting,
+  queue_running: r.queueRunning,
+  requests: r.requests,
+  failures: r.failures,
+  last_error: r.lastError,
+  last_check_at: iso(r.lastCheckAt),
+  last_check_ok: r.lastCheckOk
+})
+
 /** The routes, as one app needing the current request's info. */
 export const make = Effect.gen(function* () {
   const chat = yield* ChatCompletions
   const admin = yield* AdminApi
   const models = yield* Models
+  const pool = yield* BackendPool
   const readiness = yield* Readiness
   const auth = yield* Auth
   const modelList = json(models.list)
@@ -80,6 +115,12 @@ export const make = Effect.gen(function* () {
           )
         }
         break
+    }
+    if (path === "/admin/backends" && request.method === "GET") {
+      const caller = auth.authenticateAdmin(request.headers)
+      if (Either.isLeft(caller)) return Effect.fail(caller.left)
+      info.keyName = caller.right === "admin" ? "admin" : caller.right
+      return Effect.map(pool.status, (replicas) => json({ object: "list", data: replicas.map(backendView) }))
     }
     if (path.startsWith("/admin/")) {
       const q = request.url.indexOf("?")

@@ -1,6 +1,7 @@
 /**
- * The configured models and their backend replicas: resolves a request's `model` to one replica
- * (round-robin for now; the load-aware pool replaces this choice later) and lists the models.
+ * The configured models and their backend replicas as attempt targets (URL, upstream name,
+ * timeouts, API key), with the `/v1/models` list. Which replica serves a request is the
+ * BackendPool's choice.
  */
 import { Errors, type GatewayConfig, type OpenAi } from "@gateway/domain"
 import { Config, Effect, Option, type Redacted } from "effect"
@@ -19,9 +20,12 @@ export interface Target {
   readonly apiKey: Option.Option<Redacted.Redacted>
 }
 
-interface Entry {
+/** One configured model: its replicas' targets and the pool settings that apply to it. */
+export interface Entry {
+  readonly config: GatewayConfig.ModelConfig
   readonly targets: ReadonlyArray<Target>
-  next: number
+  readonly policy: GatewayConfig.ModelPolicy
+  readonly timeouts: GatewayConfig.Timeouts
 }
 
 export class Models extends Effect.Service<Models>()("@gateway/core/Models", {
@@ -50,7 +54,7 @@ export class Models extends Effect.Service<Models>()("@gateway/core/Models", {
           apiKey
         })
       }
-      entries.set(model.name, { targets, next: 0 })
+      entries.set(model.name, { config: model, targets, policy: config.policyFor(model), timeouts })
     }
 
     const created = Math.floor(Date.now() / 1000)
@@ -59,15 +63,14 @@ export class Models extends Effect.Service<Models>()("@gateway/core/Models", {
       data: config.models.map((m) => ({ id: m.name, object: "model", created, owned_by: m.ownedBy }))
     }
 
-    /** Picks the next replica of `name`, or fails with `ModelNotFound`. */
-    const resolve = (name: string): Effect.Effect<Target, Errors.ModelNotFound> => {
+    /** The model called `name`, or `ModelNotFound`. */
+    const lookup = (name: string): Effect.Effect<Entry, Errors.ModelNotFound> => {
       const entry = entries.get(name)
-      if (entry === undefined) return Effect.fail(new Errors.ModelNotFound({ model: name }))
-      const target = entry.targets[entry.next % entry.targets.length]!
-      entry.next = (entry.next + 1) % entry.targets.length
-      return Effect.succeed(target)
+      return entry === undefined
+        ? Effect.fail(new Errors.ModelNotFound({ model: name }))
+        : Effect.succeed(entry)
     }
 
-    return { resolve, list } as const
+    return { lookup, entries: entries as ReadonlyMap<string, Entry>, list } as const
   })
 }) {}

@@ -12,7 +12,7 @@ import { Errors } from "@gateway/domain"
 import { Effect, Layer, Option, Redacted } from "effect"
 import type { Target } from "./Models.js"
 import { Settings } from "./Settings.js"
-import { type ChatRequest, type ChatResponse, Upstream } from "./Upstream.js"
+import { type ChatRequest, type ChatResponse, type ProbeResult, StreamIdle, Upstream } from "./Upstream.js"
 
 const encoder = new TextEncoder()
 
@@ -47,14 +47,17 @@ const failure = (target: Target, cause: unknown, phase: "request" | "body"): Err
   if (
     cause instanceof TotalTimeout ||
     cause instanceof FirstByteTimeout ||
+    cause instanceof StreamIdle ||
     (typeof code === "string" && timeoutCodes.has(code))
   ) {
     const detail =
       cause instanceof TotalTimeout
         ? `no complete answer within ${target.timeouts.totalMs} ms`
         : cause instanceof FirstByteTimeout
-          ? `no response headers within ${target.timeouts.firstByteMs} ms`
-          : describe(cause)
+          ? `no first token within ${target.timeouts.firstByteMs} ms`
+          : cause instanceof StreamIdle
+            ? `no chunk for ${cause.idleMs} ms`
+            : describe(cause)
     return new Errors.BackendError({ reason: "Timeout", backend, detail })
   }
   return new Errors.BackendError({
@@ -104,6 +107,42 @@ const httpError = async (
   })
 }
 
+const errorMarker = Buffer.from('"error"')
+
+/**
+ * The error a stream's first chunk reports instead of an answer (vLLM writes
+ * `data: {"object":"error",…}`, others `data: {"error":{…}}`), or `undefined` for an answer.
+ * Parsed only when the chunk names an error at all.
+ */
+const streamError = (target: Target, chunk: Buffer): Errors.BackendError | undefined => {
+  if (chunk.indexOf(errorMarker) === -1) return undefined
+  const text = chunk.toString("utf8")
+  const start = text.startsWith("data:") ? 0 : text.indexOf("\ndata:") + 1
+  if (start === 0 && !text.startsWith("data:")) return undefined
+  const lineEnd = text.indexOf("\n", start)
+  let event: unknown
+  try {
+    event = JSON.parse(text.slice(start + 5, lineEnd === -1 ? undefined : lineEnd))
+  } catch {
+    return undefined
+  }
+  if (typeof event !== "object" || event === null) return undefined
+  const e = event as { error?: unknown; object?: unknown; message?: unknown }
+  const reported =
+    typeof e.error === "object" && e.error !== null
+      ? (e.error as { message?: unknown })
+      : e.object === "error"
+        ? e
+        : undefined
+  if (reported === undefined) return undefined
+  return new Errors.BackendError({
+    reason: "StreamError",
+    backend: target.backend.id,
+    detail: typeof reported.message === "string" ? reported.message.slice(0, 500) : "error event",
+    upstream: event
+  })
+}
+
 export const make = (dispatcher: Undici.Dispatcher) => {
   const chat = (request: ChatRequest): Effect.Effect<ChatResponse, Errors.BackendError> => {
     const { target } = request
@@ -145,13 +184,14 @@ export const make = (dispatcher: Undici.Dispatcher) => {
         })
         .then(
           async (response) => {
-            clearTimeout(headersTimer)
             if (response.statusCode < 200 || response.statusCode >= 300) {
+              clearTimeout(headersTimer)
               const error = await httpError(target, response)
               done()
               return resume(Effect.fail(error))
             }
             if (!stream) {
+              clearTimeout(headersTimer)
               try {
                 const body = await readAll(response.body)
                 done()
@@ -162,14 +202,55 @@ export const make = (dispatcher: Undici.Dispatcher) => {
               }
               return
             }
-            response.body.once("close", done)
-            resume(
-              Effect.succeed({
-                _tag: "Streaming",
-                body: response.body,
-                failure: (cause) => failure(target, controller.signal.reason ?? cause, "body")
-              })
-            )
+            // The first event decides: an answer commits the attempt, an error event fails it
+            // (still retryable), and the time-to-first-token timer runs until then.
+            const body = response.body
+            const settled = () => {
+              body.off("data", onFirst)
+              body.off("end", onEnd)
+              body.off("error", onError)
+              clearTimeout(headersTimer)
+            }
+            const onFirst = (chunk: Buffer) => {
+              body.pause()
+              settled()
+              const error = streamError(target, chunk)
+              if (error !== undefined) {
+                done()
+                body.destroy()
+                return resume(Effect.fail(error))
+              }
+              body.unshift(chunk)
+              body.once("close", done)
+              resume(
+                Effect.succeed({
+                  _tag: "Streaming",
+                  body,
+                  failure: (cause) => failure(target, controller.signal.reason ?? cause, "body")
+                })
+              )
+            }
+            const onEnd = () => {
+              settled()
+              done()
+              resume(
+                Effect.fail(
+                  new Errors.BackendError({
+                    reason: "Protocol",
+                    backend: target.backend.id,
+                    detail: "the stream ended before its first event"
+                  })
+                )
+              )
+            }
+            const onError = (cause: unknown) => {
+              settled()
+              done()
+              resume(Effect.fail(failure(target, controller.signal.reason ?? cause, "body")))
+            }
+            body.on("data", onFirst)
+            body.once("end", onEnd)
+            body.once("error", onError)
           },
           (cause) => {
             done()
@@ -179,7 +260,39 @@ export const make = (dispatcher: Undici.Dispatcher) => {
     }).pipe(Effect.withSpan("Upstream.chat", { attributes: { backend: target.backend.id, stream } }))
   }
 
-  return Upstream.of({ chat })
+  const probe = (
+    target: Target,
+    path: string,
+    timeoutMs: number
+  ): Effect.Effect<ProbeResult, Errors.BackendError> => {
+    const headers: Record<string, string> = { accept: "application/json, text/plain" }
+    if (Option.isSome(target.apiKey)) headers.authorization = `Bearer ${Redacted.value(target.apiKey.value)}`
+    return Effect.tryPromise({
+      try: async (signal) => {
+        const timeout = AbortSignal.timeout(timeoutMs)
+        const response = await dispatcher.request({
+          origin: target.origin,
+          path,
+          method: "GET",
+          headers,
+          signal: AbortSignal.any([signal, timeout]),
+          headersTimeout: 0,
+          bodyTimeout: 0
+        })
+        return { status: response.statusCode, body: await response.body.text() }
+      },
+      catch: (cause) =>
+        (cause as { name?: unknown } | undefined)?.name === "TimeoutError"
+          ? new Errors.BackendError({
+              reason: "Timeout",
+              backend: target.backend.id,
+              detail: `no answer to GET ${path} within ${timeoutMs} ms`
+            })
+          : failure(target, cause, "request")
+    })
+  }
+
+  return Upstream.of({ chat, probe })
 }
 
 /** Keep-alive connection pool to the backends, with the connect timeout from the config. */

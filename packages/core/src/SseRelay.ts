@@ -10,6 +10,7 @@
  * would take a TCP segment boundary inside those twelve bytes.
  */
 import { Readable } from "node:stream"
+import { StreamIdle } from "./Upstream.js"
 
 export interface Hooks {
   /** Sees every chunk before it is forwarded (e.g. an `SseScanner`). */
@@ -33,6 +34,11 @@ export interface Hooks {
   readonly drainMs?: number
   /** Rewrites what the client gets (e.g. without the usage chunk it did not ask for). */
   readonly filter?: Filter
+  /**
+   * The backend breaks off (`onBreak` with a `StreamIdle`) when it sends nothing for this long
+   * while the client is reading; a pause the client's back-pressure causes does not count.
+   */
+  readonly idleMs?: number
 }
 
 /** A rewrite of the forwarded bytes that may hold back an incomplete event until the next chunk. */
@@ -61,6 +67,16 @@ export const relay = (source: Readable, hooks: Hooks): Readable => {
   /** The client is gone and the backend's answer is being read to its end (bounded). */
   let draining = false
   let drainTimer: ReturnType<typeof setTimeout> | undefined
+  const idleMs = hooks.idleMs ?? 0
+  const idleTimer =
+    idleMs > 0
+      ? setTimeout(function idle() {
+          if (upstreamOver || draining) return
+          // Paused by the client's back-pressure: the silence is ours, not the backend's.
+          if (source.isPaused()) idleTimer!.refresh()
+          else source.destroy(new StreamIdle(idleMs))
+        }, idleMs)
+      : undefined
   const stopDraining = () => {
     if (!draining) return
     draining = false
@@ -95,6 +111,7 @@ export const relay = (source: Readable, hooks: Hooks): Readable => {
     const bytes = hooks.filter === undefined ? chunk : hooks.filter.push(chunk)
     return bytes.length === 0 || out.push(bytes)
   }
+  if (idleTimer !== undefined) source.once("close", () => clearTimeout(idleTimer))
   const end = (last: Uint8Array | undefined) => {
     if (ended) return
     ended = true
@@ -110,6 +127,7 @@ export const relay = (source: Readable, hooks: Hooks): Readable => {
   }
   source.on("data", (chunk: Buffer) => {
     if (upstreamOver) return
+    idleTimer?.refresh()
     const at = doneAt(chunk)
     const head = at === -1 ? chunk : chunk.subarray(0, at)
     if (draining) {

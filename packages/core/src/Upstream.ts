@@ -33,8 +33,22 @@ export interface Complete {
  */
 export interface Streaming {
   readonly _tag: "Streaming"
+  /** Paused, with the first event (already seen, so the attempt is known to answer) unread. */
   readonly body: Readable
   readonly failure: (cause: unknown) => Errors.BackendError
+}
+
+/** What a `GET` of a backend's health or metrics path answered. */
+export interface ProbeResult {
+  readonly status: number
+  readonly body: string
+}
+
+/** The reason a stream is destroyed with when it fell silent for longer than `idle_ms`. */
+export class StreamIdle extends Error {
+  constructor(readonly idleMs: number) {
+    super(`no chunk for ${idleMs} ms`)
+  }
 }
 
 export type ChatResponse = Complete | Streaming
@@ -42,7 +56,17 @@ export type ChatResponse = Complete | Streaming
 export class Upstream extends Context.Tag("@gateway/core/Upstream")<
   Upstream,
   {
-    /** One attempt against `request.target`; fails for connect errors, timeouts and non-2xx. */
+    /**
+     * One attempt against `request.target`; fails for connect errors, timeouts, non-2xx, and a
+     * stream whose first event is an error. A stream is returned once its first event arrived
+     * (within `first_byte_ms`): until then the attempt can still be retried unseen.
+     */
     readonly chat: (request: ChatRequest) => Effect.Effect<ChatResponse, Errors.BackendError>
+    /** `GET path` on the target's origin (health checks, metrics), bounded by `timeoutMs`. */
+    readonly probe: (
+      target: Target,
+      path: string,
+      timeoutMs: number
+    ) => Effect.Effect<ProbeResult, Errors.BackendError>
   }
 >() {}

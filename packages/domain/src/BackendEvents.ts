@@ -5,7 +5,7 @@
  * Stored as jsonb and read back years later: only add optional fields or new literals.
  */
 import { type Either, type ParseResult, Schema } from "effect"
-import { BackendId, ModelName } from "./Ids.js"
+import { type BackendId, ModelName } from "./Ids.js"
 
 const optional = <S extends Schema.Schema.Any>(schema: S) => Schema.optionalWith(schema, { exact: true })
 
@@ -102,5 +102,7 @@ export const decodeBackendEvent = (
   data: unknown
 ): Either.Either<BackendEvent, ParseResult.ParseError> | undefined => {
   if (!types.has(type)) return undefined
-  return decodeEvent(typeof data === "object" && data !== null && !Array.isArray(data) ? { ...data, _tag: type } : data)
+  return decodeEvent(
+    typeof data === "object" && data !== null && !Array.isArray(data) ? { ...data, _tag: type } : data
+  )
 }

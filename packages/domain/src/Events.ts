@@ -159,7 +159,9 @@ export class RequestFailed extends Schema.TaggedClass<RequestFailed>()("RequestF
   status: HttpStatus,
   error: FailureError,
   attempts: Schema.NonNegativeInt,
-  lastBackend: optional(BackendId)
+  lastBackend: optional(BackendId),
+  /** Completion tokens the client had been sent when a stream broke (not billed). */
+  tokensDelivered: optional(Tokens)
 }) {}
 
 /** The client went away before the end (terminal); tokens already delivered are still billed. */

@@ -116,7 +116,9 @@ const RetryOverride = Schema.Struct({
   jitter: snake("jitter", Schema.Boolean)
 })
 
-const UrlPath = Schema.String.pipe(Schema.pattern(/^\/[^\s]*$/, { message: () => "must be a path starting with '/'" }))
+const UrlPath = Schema.String.pipe(
+  Schema.pattern(/^\/[^\s]*$/, { message: () => "must be a path starting with '/'" })
+)
 
 /**
  * The `health` section: active checks (a `GET` of `path` every `interval_ms`) and passive ones
@@ -161,7 +163,9 @@ export class QueueMetricsConfig extends Schema.Class<QueueMetricsConfig>("QueueM
 /** How every model's replicas are balanced, checked and retried, unless the model says otherwise. */
 export class PoolConfig extends Schema.Class<PoolConfig>("PoolConfig")({
   balancer: Schema.optionalWith(BalancerStrategy, { default: () => "p2c" as const }),
-  circuitBreaker: snakeWithDefault("circuit_breaker", CircuitBreakerConfig, () => CircuitBreakerConfig.make({})),
+  circuitBreaker: snakeWithDefault("circuit_breaker", CircuitBreakerConfig, () =>
+    CircuitBreakerConfig.make({})
+  ),
   retry: Schema.optionalWith(RetryConfig, { default: () => RetryConfig.make({}) }),
   health: Schema.optionalWith(HealthConfig, { default: () => HealthConfig.make({}) }),
   queueMetrics: snake("queue_metrics", QueueMetricsConfig)

@@ -4,10 +4,13 @@
  */
 import { createServer, type IncomingMessage, type Server } from "node:http"
 import type { Socket } from "node:net"
+import { hostname } from "node:os"
 import { NodeContext, NodeHttpServer } from "@effect/platform-node"
 import {
   AdminApi,
   Auth,
+  BackendJournal,
+  BackendPool,
   ConfigLoader,
   HttpApp,
   KeyAdmin,
@@ -44,6 +47,8 @@ export interface Options {
   readonly redisUrl?: Redacted.Redacted<string> | undefined
   /** Create the tenant `dev` and its key on first start (the embedded default). */
   readonly devKey?: boolean | undefined
+  /** Names this instance on the backend events it records (`GATEWAY_ID`, else host:pid). */
+  readonly gatewayId?: string | undefined
 }
 
 /** The options from `GATEWAY_CONFIG`, `PORT` and `HOST`. */
@@ -56,7 +61,9 @@ export const optionsFromEnv = (defaultConfigPath: string) =>
     const auth = yield* Config.literal("on", "off")("GATEWAY_AUTH").pipe(Config.withDefault("on"))
     const adminKey = yield* Config.redacted("ADMIN_KEY").pipe(Config.option)
     const redisUrl = yield* Config.redacted("REDIS_URL").pipe(Config.option)
+    const gatewayId = yield* Config.string("GATEWAY_ID").pipe(Config.option)
     return {
+      gatewayId: Option.getOrUndefined(gatewayId),
       configPath,
       port: Option.getOrUndefined(port),
       host: Option.getOrUndefined(host),
@@ -233,8 +240,14 @@ export const layer = (options: Options) => {
           Layer.provideMerge(Layer.mergeAll(tenancyDisabled(options), Recording.layerDisabled, noDevAccess)),
           Layer.provide(Layer.mergeAll(Readiness.Readiness.Default, Meter.Meter.Default))
         )
+  const backends = BackendPool.layer({ gateway: options.gatewayId ?? `${hostname()}:${process.pid}` }).pipe(
+    Layer.provide(
+      recording ? BackendJournal.layer.pipe(Layer.provide(Recording.database)) : BackendJournal.layerNone
+    )
+  )
   return app.pipe(
-    Layer.provide(Models.Models.Default),
+    Layer.provideMerge(backends),
+    Layer.provideMerge(Models.Models.Default),
     Layer.provide(OpenAiCompatible.layer),
     Layer.provideMerge(server),
     Layer.provide(settings(options)),
