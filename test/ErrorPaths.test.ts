@@ -37,6 +37,7 @@ class Stack extends Context.Tag("test/ErrorPaths/Stack")<
           }),
           Processes.startGateway({
             server: { host: "127.0.0.1", max_body_bytes: maxBodyBytes },
+            pool: Processes.singleAttempt,
             timeouts: { connect_ms: 1000, first_byte_ms: 5000, total_ms: 20_000 },
             // A client gone mid-stream: its answer is read for this long (for its usage), then dropped.
             metering: { drain_after_disconnect_ms: 300 },

@@ -28,6 +28,7 @@ const gatewayConfig = (
   limits: { readonly redis_failure: "fail_open" | "fail_closed"; readonly redis_timeout_ms: number }
 ) => ({
   server: { host: "127.0.0.1" },
+  pool: Processes.singleAttempt,
   limits,
   metering: { drain_after_disconnect_ms: 200 },
   models: [

@@ -40,6 +40,7 @@ class Stack extends Context.Tag("test/RequestLifecycle/Stack")<
           Processes.startSim({ port: simPort, model: "small", ttftMs: 5, itlMs: 1, outputTokens, seed: 1 }),
           Processes.startGateway({
             server: { host: "127.0.0.1", max_body_bytes: maxBodyBytes },
+            pool: Processes.singleAttempt,
             metering: { drain_after_disconnect_ms: 200 },
             models: [
               {
@@ -272,7 +273,8 @@ layer(Stack.layer, { excludeTestServices: true })("the lifecycle of a request in
         model: "small",
         backend: "small-1",
         upstreamModel: "small",
-        why: "round_robin"
+        why: "requested",
+        detail: "balancer p2c"
       })
       expect(started).toEqual({ attempt: 1, backend: "small-1", model: "small" })
       expect(body.usage.completion_tokens).toBe(outputTokens)

@@ -44,6 +44,7 @@ class Stack extends Context.Tag("test/Usage/Stack")<
           Processes.startGateway(
             {
               server: { host: "127.0.0.1" },
+              pool: Processes.singleAttempt,
               metering: { drain_after_disconnect_ms: drainMs },
               models: [
                 { name: "small", pricing, backends: [{ id: "small-1", url: simUrl }] },

@@ -271,6 +271,17 @@ const parseLine = (line: string): Array<LogLine> => {
   }
 }
 
+/**
+ * A `pool` section that makes every request exactly one attempt on its one replica: no retry,
+ * no breaker, no ejection. For suites about what one attempt does (errors, recording, billing),
+ * whose faults would otherwise open breakers and change what the next test sees.
+ */
+export const singleAttempt = {
+  retry: { max_attempts: 1 },
+  circuit_breaker: { consecutive_failures: 1_000_000, minimum_requests: 1_000_000 },
+  health: { active: false, eject_after_failures: 0 }
+} as const
+
 /** Writes `config` as JSON into a temporary directory (removed with the scope); returns its path. */
 export const writeConfig = (config: unknown): Effect.Effect<string, never, Scope.Scope> =>
   Effect.gen(function* () {
