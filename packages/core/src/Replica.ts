@@ -219,6 +219,17 @@ export class Replica implements ReplicaLoad {
               const threshold = this.options.policy.health.ejectAfterFailures
               if (threshold > 0 && this.unreachableInARow >= threshold && this.health === "healthy") {
                 this.eject("request_failures", this.unreachableInARow, this.lastError)
+                return Effect.zipRight(
+                  permit.fail,
+                  Effect.logWarning("backend ejected").pipe(
+                    Effect.annotateLogs({
+                      backend: this.id,
+                      model: this.model,
+                      cause: "request_failures",
+                      detail: this.lastError
+                    })
+                  )
+                )
               }
             } else {
               this.unreachableInARow = 0
