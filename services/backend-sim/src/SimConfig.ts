@@ -31,6 +31,11 @@ export interface SimOptions {
   /** Fraction of chat requests answered with `errorStatus` and an OpenAI error body. */
   readonly errorRate: number
   readonly errorStatus: number
+  /**
+   * How an injected error is answered: `status` (an HTTP error), or `event` (a stream gets
+   * 200 and one error event, as vLLM does when generation fails; a whole answer gets the status).
+   */
+  readonly errorMode: "status" | "event"
   /** Fraction of chat requests never answered until the client goes away. */
   readonly hangRate: number
   /** Fraction of chat requests whose first token comes `slowFirstTokenMs` later than `ttftMs`. */
@@ -60,6 +65,7 @@ export const defaults: SimOptions = {
   capacity: 256,
   errorRate: 0,
   errorStatus: 500,
+  errorMode: "status",
   hangRate: 0,
   slowFirstTokenRate: 0,
   slowFirstTokenMs: 1000,
@@ -88,6 +94,7 @@ export const SimOptionsPatchSchema = Schema.Struct({
   capacity: Schema.optionalWith(Schema.Int.pipe(Schema.between(1, 1_000_000)), exact),
   errorRate: Schema.optionalWith(Rate, exact),
   errorStatus: Schema.optionalWith(Schema.Int.pipe(Schema.between(400, 599)), exact),
+  errorMode: Schema.optionalWith(Schema.Literal("status", "event"), exact),
   hangRate: Schema.optionalWith(Rate, exact),
   slowFirstTokenRate: Schema.optionalWith(Rate, exact),
   slowFirstTokenMs: Schema.optionalWith(Millis, exact),

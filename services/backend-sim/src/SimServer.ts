@@ -426,6 +426,14 @@ class Sim {
       this.stats.errorsInjected++
       const { type, code } = errorType(o.errorStatus)
       const message = `Simulated backend error (status ${o.errorStatus})`
+      if (stream && o.errorMode === "event") {
+        // vLLM's way: the stream has begun (200), and its one event is the error.
+        res.writeHead(200, this.refusing ? sseHeadersClosing : sseHeaders)
+        res.end(
+          `data: {"object":"error","message":${JSON.stringify(message)},"type":"${type}","param":null,"code":${o.errorStatus}}\n\n`
+        )
+        return
+      }
       const retryAfter = o.errorStatus === 429 || o.errorStatus === 503 ? { "retry-after": "1" } : undefined
       this.send(res, o.errorStatus, errorBody(message, type, null, code), retryAfter)
       return
