@@ -48,6 +48,14 @@ export const layer: Layer.Layer<BackendJournal, never, EventStore.EventStore> = 
         )
       )
     yield* Queue.take(queue).pipe(Effect.flatMap(write), Effect.forever, Effect.forkScoped)
+    // At shutdown, what is still queued is written (for a bounded time) before the store goes.
+    yield* Effect.addFinalizer(() =>
+      Queue.takeAll(queue).pipe(
+        Effect.flatMap((left) => Effect.forEach(left, write, { discard: true })),
+        Effect.timeout(Duration.seconds(2)),
+        Effect.ignore
+      )
+    )
     return BackendJournal.of({ record: (backend, event) => void Queue.unsafeOffer(queue, [backend, event]) })
   })
 )

@@ -4,7 +4,7 @@
  */
 import { type HttpServerRequest, HttpServerResponse } from "@effect/platform"
 import { Errors, Events, Ids, OpenAi } from "@gateway/domain"
-import { Clock, Effect, Either, Exit, ParseResult, Runtime, Schedule } from "effect"
+import { Clock, type Duration, Effect, Either, Exit, ParseResult, Runtime, Schedule } from "effect"
 import { Auth } from "./Auth.js"
 import { BackendPool, type ModelPool } from "./BackendPool.js"
 import type { RequestInfo } from "./CurrentRequest.js"
@@ -197,7 +197,8 @@ export class ChatCompletions extends Effect.Service<ChatCompletions>()("@gateway
           const { maxAttempts } = target.policy.retry
           const tried = new Set<string>()
           const refused = new Set<string>()
-          const backoff = yield* Schedule.driver(RetryPolicy.schedule(target.policy.retry, startedAt))
+          /** The retry schedule's state, made at the first failure (most requests never need it). */
+          let backoff: Schedule.ScheduleDriver<Duration.Duration, unknown> | undefined
           let here = 0
           while (here < maxAttempts) {
             // Nothing else can answer: ejected replicas are tried too (the checks may be wrong).
@@ -275,6 +276,7 @@ export class ChatCompletions extends Effect.Service<ChatCompletions>()("@gateway
             if (here >= maxAttempts) break
             if (!last && target.replicas.every((r) => tried.has(r.id) || !r.available())) break
             // Waits out the backoff; done when the attempts or the deadline are used up.
+            backoff ??= yield* Schedule.driver(RetryPolicy.schedule(target.policy.retry, startedAt))
             if (Either.isLeft(yield* Effect.either(backoff.next(error)))) break
             why = "retry"
             detail = `${error.reason}${error.status === undefined ? "" : ` ${error.status}`} on ${replica.id}`
@@ -284,8 +286,8 @@ export class ChatCompletions extends Effect.Service<ChatCompletions>()("@gateway
           why = "fallback"
           detail =
             lastError !== undefined && lastBackend !== undefined && tried.has(lastBackend)
-              ? `${target.name} failed: ${lastError.reason}${lastError.status === undefined ? "" : ` ${lastError.status}`}`
-              : `${target.name} unavailable (${target.unavailable()})`
+              ? `${target.name}: no replica answered (last: ${lastError.reason}${lastError.status === undefined ? "" : ` ${lastError.status}`} on ${lastBackend})`
+              : `${target.name}: no replica available (${target.unavailable()})`
           yield* Effect.logWarning("falling back to another model").pipe(
             Effect.annotateLogs({ from: target.name, to: chain[m + 1]!.name, why: detail })
           )
