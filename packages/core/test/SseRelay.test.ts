@@ -1,6 +1,7 @@
 import { PassThrough, type Readable } from "node:stream"
 import { describe, expect, it } from "@effect/vitest"
-import { SseRelay } from "@gateway/core"
+import { SseRelay, Upstream } from "@gateway/core"
+import { vi } from "vitest"
 
 const collect = (stream: Readable) =>
   new Promise<string>((resolve, reject) => {
@@ -208,5 +209,70 @@ describe("SseRelay draining and filtering", () => {
     expect(await text).toBe("data: ******\n\ndata: held\n\ndata: [DONE]\n\n")
     // The hooks see what the backend sent.
     expect(seen).toEqual(["data: secret\n\n"])
+  })
+})
+
+describe("SseRelay idle timeout", () => {
+  const turn = () => new Promise<void>((resolve) => setImmediate(resolve))
+
+  it("breaks off a backend silent for longer than idleMs, with the break event", async () => {
+    vi.useFakeTimers({ toFake: ["setTimeout", "clearTimeout"] })
+    try {
+      const source = new PassThrough()
+      let cause: unknown
+      const out = SseRelay.relay(source, {
+        idleMs: 1000,
+        onBreak: (c) => {
+          cause = c
+          return breakEvent
+        }
+      })
+      const text = collect(out)
+      source.write("data: 1\n\n")
+      await turn()
+      vi.advanceTimersByTime(900)
+      // A chunk restarts the wait.
+      source.write("data: 2\n\n")
+      await turn()
+      vi.advanceTimersByTime(900)
+      expect(cause).toBeUndefined()
+      vi.advanceTimersByTime(200)
+      expect(await text).toBe(`data: 1\n\ndata: 2\n\n${new TextDecoder().decode(breakEvent)}`)
+      expect(cause).toBeInstanceOf(Upstream.StreamIdle)
+      expect((cause as Upstream.StreamIdle).idleMs).toBe(1000)
+      expect(source.destroyed).toBe(true)
+    } finally {
+      vi.useRealTimers()
+    }
+  })
+
+  it("does not count a pause the client's back-pressure causes", async () => {
+    vi.useFakeTimers({ toFake: ["setTimeout", "clearTimeout"] })
+    try {
+      const source = new PassThrough()
+      let broken = false
+      const out = SseRelay.relay(source, {
+        idleMs: 1000,
+        onBreak: () => {
+          broken = true
+          return breakEvent
+        }
+      })
+      // Nobody reads: once the relay's buffer is full the backend is paused.
+      out.pause()
+      const event = `data: ${"x".repeat(1000)}\n\n`
+      for (let i = 0; i < 64; i++) source.write(event)
+      await turn()
+      expect(source.isPaused()).toBe(true)
+      vi.advanceTimersByTime(5000)
+      expect(broken).toBe(false)
+      const text = collect(out)
+      out.resume()
+      source.end("data: [DONE]\n\n")
+      expect((await text).endsWith("data: [DONE]\n\n")).toBe(true)
+      expect(broken).toBe(false)
+    } finally {
+      vi.useRealTimers()
+    }
   })
 })
