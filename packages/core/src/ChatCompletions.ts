@@ -133,6 +133,9 @@ const withUsageRequested = (raw: Uint8Array, body: OpenAi.ChatCompletionRequest)
 
 const nothingUsed = { tokens: 0, costMicroUsd: 0 }
 
+/** Ends a stream with nothing more (instead of `[DONE]`). */
+const noBytes = new Uint8Array(0)
+
 /** The attempt that answers: its answer, replica and lease, and the model it belongs to. */
 interface Committed {
   readonly answer: ChatResponse
@@ -476,86 +479,99 @@ export class ChatCompletions extends Effect.Service<ChatCompletions>()("@gateway
           settle(prompt, completion, cost)
           return { promptTokens: prompt, completionTokens: completion, cost }
         }
+        /**
+         * The answer failed after its first byte (too late to retry unseen): recorded before the
+         * client's stream ends, as any terminal event is. What was generated is not billed: the
+         * client got no whole answer.
+         */
+        const failedAfterFirstByte = (error: Errors.BackendError) => {
+          info.error = error.message
+          held.settle(nothingUsed)
+          const rendered = ErrorResponse.render(error)
+          return lease.fail(error).pipe(
+            Effect.zipRight(
+              recording.finish(
+                new Events.AttemptFailed(
+                  {
+                    attempt: attempts,
+                    backend,
+                    error: attemptError(error),
+                    retryable: error.retryable,
+                    afterFirstByte: true
+                  },
+                  true
+                ),
+                new Events.RequestFailed(
+                  {
+                    status: 200,
+                    error: {
+                      code: String(rendered.body.error.code ?? "backend_error"),
+                      message: error.message,
+                      reason: error.reason
+                    },
+                    attempts,
+                    lastBackend: backend,
+                    tokensDelivered: Tokenizer.countText(scanner.completionText())
+                  },
+                  true
+                )
+              )
+            ),
+            Effect.ignore
+          )
+        }
         const relayed = SseRelay.relay(answer.body, {
           onChunk: (chunk) => scanner.push(chunk),
           drainMs: drainAfterDisconnectMs,
           idleMs: committed.pool.timeouts.idleMs,
           ...(outgoing.strip ? { filter: new UsageFilter() } : {}),
-          // The answer is complete: it goes on the books before the client gets [DONE].
+          // The answer is complete: it goes on the books before the client gets [DONE]. Unless
+          // the backend reported an error inside it: then it failed, and no [DONE] follows.
           beforeEnd: () =>
-            run(
-              lease.succeed.pipe(
-                Effect.zipRight(
-                  recording.finish(
-                    new Events.RequestCompleted(
-                      {
-                        model,
-                        backend,
-                        ...usageOf(scanner),
-                        usageSource: scanner.usage === undefined ? "estimated" : "backend",
-                        latencyMs: elapsed(info.startedAt),
-                        ttftMs:
-                          scanner.firstContentAt === undefined
-                            ? null
-                            : Math.round((scanner.firstContentAt - info.startedAt) * 100) / 100,
-                        finishReason: scanner.finishReason,
-                        cached: false,
-                        stream: true,
-                        status: 200,
-                        attempts
-                      },
-                      true
-                    )
-                  )
-                ),
-                Effect.as(undefined),
-                Effect.catchAll((error) => {
-                  info.error = `the completed answer could not be recorded: ${error.message}`
-                  return Effect.succeed(ErrorResponse.toSseEvent(ErrorResponse.render(unrecorded())))
-                })
-              )
-            ),
-          onBreak: (cause) => {
-            // The backend broke off after the first byte: too late to retry unseen, so the
-            // request failed; that is recorded before the client's stream ends, as any terminal
-            // event is. What was generated before the break is not billed: the client got no answer.
-            const error = answer.failure(cause)
-            info.error = error.message
-            held.settle(nothingUsed)
-            const event = ErrorResponse.toSseEvent(ErrorResponse.render(error))
-            const rendered = ErrorResponse.render(error)
-            return run(
-              lease.fail(error).pipe(
-                Effect.zipRight(
-                  recording.finish(
-                    new Events.AttemptFailed(
-                      {
-                        attempt: attempts,
-                        backend,
-                        error: attemptError(error),
-                        retryable: error.retryable,
-                        afterFirstByte: true
-                      },
-                      true
+            scanner.error !== undefined
+              ? run(
+                  failedAfterFirstByte(
+                    new Errors.BackendError({ reason: "StreamError", backend, detail: scanner.error })
+                  ).pipe(Effect.as(noBytes))
+                )
+              : run(
+                  lease.succeed.pipe(
+                    Effect.zipRight(
+                      recording.finish(
+                        new Events.RequestCompleted(
+                          {
+                            model,
+                            backend,
+                            ...usageOf(scanner),
+                            usageSource: scanner.usage === undefined ? "estimated" : "backend",
+                            latencyMs: elapsed(info.startedAt),
+                            ttftMs:
+                              scanner.firstContentAt === undefined
+                                ? null
+                                : Math.round((scanner.firstContentAt - info.startedAt) * 100) / 100,
+                            finishReason: scanner.finishReason,
+                            cached: false,
+                            stream: true,
+                            status: 200,
+                            attempts
+                          },
+                          true
+                        )
+                      )
                     ),
-                    new Events.RequestFailed(
-                      {
-                        status: 200,
-                        error: {
-                          code: String(rendered.body.error.code ?? "backend_error"),
-                          message: error.message,
-                          reason: error.reason
-                        },
-                        attempts,
-                        lastBackend: backend,
-                        tokensDelivered: Tokenizer.countText(scanner.completionText())
-                      },
-                      true
-                    )
+                    Effect.as(undefined),
+                    Effect.catchAll((error) => {
+                      info.error = `the completed answer could not be recorded: ${error.message}`
+                      return Effect.succeed(ErrorResponse.toSseEvent(ErrorResponse.render(unrecorded())))
+                    })
                   )
                 ),
-                Effect.ignore,
-                Effect.as(event)
+          onBreak: (cause) => {
+            // The backend broke off (or fell silent) after the first byte.
+            const error = answer.failure(cause)
+            return run(
+              failedAfterFirstByte(error).pipe(
+                Effect.as(ErrorResponse.toSseEvent(ErrorResponse.render(error)))
               )
             )
           },

@@ -16,6 +16,8 @@ export class SseScanner {
   finishReason: string | null = null
   /** `performance.now()` of the first content, if any arrived. */
   firstContentAt: number | undefined
+  /** The message of an error event the backend sent inside the stream (the answer failed). */
+  error: string | undefined
   /** The start of a line split across chunks. */
   private carry = ""
   /** The chunks so far, kept (not copied) until usage arrives: the text to count if it never does. */
@@ -63,6 +65,29 @@ export class SseScanner {
       if (match !== null) this.finishReason = match[1]!
     }
     if (lines.includes('"usage":{')) this.readUsage(lines)
+    if (
+      this.error === undefined &&
+      (lines.includes('data: {"error"') || lines.includes('data: {"object":"error"'))
+    ) {
+      this.readError(lines)
+    }
+  }
+
+  private readError(lines: string) {
+    for (const line of lines.split("\n")) {
+      if (!line.startsWith('data: {"error"') && !line.startsWith('data: {"object":"error"')) continue
+      try {
+        const event = JSON.parse(Buffer.from(line.slice(6), "latin1").toString("utf8")) as {
+          error?: { message?: unknown }
+          message?: unknown
+        }
+        const message = event.error?.message ?? event.message
+        this.error = typeof message === "string" ? message.slice(0, 500) : "error event"
+      } catch {
+        this.error = "error event"
+      }
+      return
+    }
   }
 
   private readUsage(lines: string) {

@@ -40,6 +40,31 @@ describe("SseScanner", () => {
   })
 })
 
+describe("SseScanner error events", () => {
+  it("notes an error event inside the stream, in vLLM's shape and in OpenAI's", () => {
+    const vllm = new SseScanner.SseScanner()
+    vllm.push(encode(chunk({ content: "Hel" })))
+    expect(vllm.error).toBeUndefined()
+    vllm.push(
+      encode(
+        'data: {"object":"error","message":"CUDA out of memory","type":"InternalServerError","code":500}\n\n'
+      )
+    )
+    expect(vllm.error).toBe("CUDA out of memory")
+
+    const openai = new SseScanner.SseScanner()
+    openai.push(encode('data: {"error":{"message":"The server had an error","type":"server_error"}}\n\n'))
+    expect(openai.error).toBe("The server had an error")
+  })
+
+  it("does not take content that mentions an error for an error event", () => {
+    const scanner = new SseScanner.SseScanner()
+    scanner.push(encode(chunk({ content: 'data: {"error" is what the log said' })))
+    scanner.push(encode(chunk({ content: "an error occurred" })))
+    expect(scanner.error).toBeUndefined()
+  })
+})
+
 describe("UsageFilter", () => {
   const usageOnly = `data: ${JSON.stringify({ id: "c", choices: [], usage: { prompt_tokens: 7, completion_tokens: 2, total_tokens: 9 } })}\n\n`
   const text = (bytes: Uint8Array) => Buffer.from(bytes).toString("utf8")
