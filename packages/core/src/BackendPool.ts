@@ -24,7 +24,7 @@ export interface ModelPool {
    * candidates too (every one is ejected and nothing else can answer: the checks may be wrong).
    */
   readonly pick: (tried?: ReadonlySet<string>, panic?: boolean) => Effect.Effect<Replica | undefined>
-  /** Why no replica may get traffic, for the record (e.g. `a: circuit open 12 s; b: ejected`). */
+  /** Each replica's state, for the record of why none could be tried (`a: circuit open; b: ejected`). */
   readonly unavailable: () => string
   /** The soonest an open breaker of this model half-opens, in ms (undefined: none is open). */
   readonly retryAfterMs: () => number | undefined

@@ -66,17 +66,22 @@ export interface Options {
 /** Failures that say the replica is gone (not merely unhappy with one request): passive ejection. */
 const unreachable = (error: Errors.BackendError) => error.reason === "Connect" || error.reason === "Timeout"
 
-/** The sum of a metric's samples in Prometheus text (`name{labels} value` or `name value`). */
+/**
+ * The sum of a metric's samples in Prometheus text (`name{labels} value [timestamp]`, fields
+ * separated by spaces or tabs), or `undefined` when it has none.
+ */
 export const metricSum = (text: string, name: string): number | undefined => {
   let sum: number | undefined
   let at = text.indexOf(name)
   while (at !== -1) {
     const lineStart = at === 0 || text[at - 1] === "\n"
     const next = text[at + name.length]
-    if (lineStart && (next === "{" || next === " ")) {
+    if (lineStart && (next === "{" || next === " " || next === "\t")) {
       const end = text.indexOf("\n", at)
-      const line = text.slice(at, end === -1 ? undefined : end)
-      const value = Number(line.slice(line.lastIndexOf(" ") + 1))
+      let rest = text.slice(at + name.length, end === -1 ? undefined : end)
+      // Label values may hold spaces: the value starts after the closing brace.
+      if (next === "{") rest = rest.slice(rest.lastIndexOf("}") + 1)
+      const value = Number(rest.trim().split(/[ \t]+/)[0])
       if (Number.isFinite(value)) sum = (sum ?? 0) + value
     }
     at = text.indexOf(name, at + name.length)

@@ -481,5 +481,11 @@ describe("Replica queue metrics", () => {
     expect(metricSum("vllm:num_requests_waiting_total 5\n", "vllm:num_requests_waiting")).toBeUndefined()
     // At the very start and at the very end of the text, without a newline.
     expect(metricSum('vllm:num_requests_waiting{a="b c"} 12', "vllm:num_requests_waiting")).toBe(12)
+    // An optional timestamp after the value, and tabs as separators.
+    expect(
+      metricSum('vllm:num_requests_waiting{model_name="x"} 7 1700000000000\n', "vllm:num_requests_waiting")
+    ).toBe(7)
+    expect(metricSum('vllm:num_requests_waiting{model_name="x"}\t5\n', "vllm:num_requests_waiting")).toBe(5)
+    expect(metricSum("vllm:num_requests_waiting\t6\n", "vllm:num_requests_waiting")).toBe(6)
   })
 })

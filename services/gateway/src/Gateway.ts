@@ -12,6 +12,7 @@ import {
   BackendJournal,
   BackendPool,
   ConfigLoader,
+  Dispatcher,
   HttpApp,
   KeyAdmin,
   KeyRegistry,
@@ -246,6 +247,7 @@ export const layer = (options: Options) => {
     )
   )
   return app.pipe(
+    Layer.provide(Dispatcher.Dispatcher.Default),
     Layer.provideMerge(backends),
     Layer.provideMerge(Models.Models.Default),
     Layer.provide(OpenAiCompatible.layer),
