@@ -14,7 +14,11 @@ interface Row {
   keyId?: string | undefined
   tenantId?: string | undefined
   model?: string | undefined
+  /** The model the client asked for (`model` is the one that answered, after a fallback). */
+  requestedModel?: string | undefined
   backend?: string | undefined
+  /** Backend calls made, retries and fallbacks included. */
+  attempts?: number | undefined
   stream?: boolean | undefined
   outcome?: string | undefined
   httpStatus?: number | undefined
@@ -47,7 +51,9 @@ const columns: ReadonlyArray<readonly [column: string, type: string, field: keyo
   ["error", "text", "error"],
   ["received_at", "timestamptz", "receivedAt"],
   ["finished_at", "timestamptz", "finishedAt"],
-  ["last_position", "bigint", "lastPosition"]
+  ["last_position", "bigint", "lastPosition"],
+  ["requested_model", "text", "requestedModel"],
+  ["attempts", "int", "attempts"]
 ]
 
 export const projection: Projection.Projection<Map<string, Row>> = {
@@ -75,7 +81,15 @@ export const projection: Projection.Projection<Map<string, Row>> = {
           received_at timestamptz,
           finished_at timestamptz,
           last_position bigint NOT NULL
-        )`)
+        )`).pipe(
+        // Columns added since the first version; a table made before them gets them here.
+        Effect.zipRight(
+          sql.unsafe(`
+            ALTER TABLE ${tables("request_log")}
+              ADD COLUMN IF NOT EXISTS requested_model text,
+              ADD COLUMN IF NOT EXISTS attempts int`)
+        )
+      )
     ),
   empty: () => new Map(),
   evolve: (rows, event: EventStore.RecordedEvent) => {
@@ -89,6 +103,7 @@ export const projection: Projection.Projection<Map<string, Row>> = {
     switch (event.type) {
       case "RequestReceived":
         row.model = d.model
+        row.requestedModel = d.model
         row.stream = d.stream
         row.outcome ??= "received"
         row.receivedAt = m.occurredAt
@@ -99,6 +114,7 @@ export const projection: Projection.Projection<Map<string, Row>> = {
         break
       case "AttemptStarted":
         row.backend = d.backend
+        row.attempts = d.attempt
         break
       case "RequestCompleted":
         Object.assign(row, {
@@ -118,6 +134,8 @@ export const projection: Projection.Projection<Map<string, Row>> = {
         Object.assign(row, {
           outcome: "failed",
           httpStatus: d.status,
+          attempts: d.attempts,
+          ...(typeof d.lastBackend === "string" ? { backend: d.lastBackend } : {}),
           error: d.error.message,
           finishedAt: m.occurredAt
         })
