@@ -94,6 +94,49 @@ export const UsageReport = Schema.Struct({
 })
 export type UsageReport = typeof UsageReport.Type
 
+/** A replica's circuit breaker: its state since when, the counts that open it, and how long it stays open. */
+export const BackendCircuit = Schema.Struct({
+  state: Schema.Literal("closed", "open", "half_open"),
+  since: Schema.String,
+  consecutive_failures: Schema.Number,
+  window_requests: Schema.Number,
+  window_failures: Schema.Number,
+  /** Opens in a row without closing in between. */
+  opens: Schema.Number,
+  /** While open: milliseconds until half-open, else 0. */
+  retry_after_ms: Schema.Number,
+  probes_in_flight: Schema.Number
+})
+export type BackendCircuit = typeof BackendCircuit.Type
+
+/** One backend replica as this gateway replica sees it (health and breaker are per gateway replica). */
+export const Backend = Schema.Struct({
+  id: Schema.String,
+  model: Schema.String,
+  url: Schema.String,
+  weight: Schema.Number,
+  health: Schema.Literal("healthy", "ejected"),
+  ejected_at: Schema.NullOr(Schema.String),
+  circuit: BackendCircuit,
+  in_flight: Schema.Number,
+  /** The balancer's estimates now (they drift back to the prior without samples). */
+  ttft_ewma_ms: Schema.Number,
+  latency_ewma_ms: Schema.Number,
+  /** From the backend's own metrics, when scraped (`queue_metrics`). */
+  queue_waiting: Schema.NullOr(Schema.Number),
+  queue_running: Schema.NullOr(Schema.Number),
+  requests: Schema.Number,
+  failures: Schema.Number,
+  last_error: Schema.NullOr(Schema.String),
+  last_check_at: Schema.NullOr(Schema.String),
+  last_check_ok: Schema.NullOr(Schema.Boolean)
+})
+export type Backend = typeof Backend.Type
+
+/** `GET /admin/backends`: every model's replicas. */
+export const BackendsReport = ListOf(Backend)
+export type BackendsReport = typeof BackendsReport.Type
+
 /** The OpenAI error shape every failed admin call answers with. */
 const ErrorBody = Schema.Struct({
   error: Schema.Struct({
@@ -186,6 +229,7 @@ export class AdminClient extends Context.Tag("@gateway/cli/AdminClient")<
     readonly createTenant: (tenant: NewTenant) => Effect.Effect<Tenant, AdminError>
     readonly changeTenant: (id: string, limits: Tenancy.LimitsInput) => Effect.Effect<Tenant, AdminError>
     readonly usage: (query: UsageQuery) => Effect.Effect<UsageReport, AdminError>
+    readonly backends: () => Effect.Effect<BackendsReport, AdminError>
   }
 >() {}
 
@@ -357,6 +401,9 @@ export const make = (
           }),
           UsageReport
         )
+      ),
+      backends: Effect.fn("AdminClient.backends")(() =>
+        send(HttpClientRequest.get(path("backends")), BackendsReport)
       )
     })
   })

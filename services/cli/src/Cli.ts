@@ -1,6 +1,6 @@
 /**
  * The operator's command tree: `replay`, `events show|tail`, `projections status`, and, through a
- * running gateway's admin API, `keys`, `tenants` and `usage`. Commands that touch the database get
+ * running gateway's admin API, `keys`, `tenants`, `usage` and `backends`. Commands that touch the database get
  * it from the layer given to `make`, built only when such a command runs (so `--help` needs no
  * database); the admin commands need no database, only `--url` and `--admin-key`.
  */
@@ -10,6 +10,7 @@ import type { SqlClient } from "@effect/sql"
 import * as Projections from "@gateway/core/projections/index"
 import type { EventStore } from "@gateway/event-store"
 import { Console, Effect, Either, type Layer, Option } from "effect"
+import * as BackendsCommand from "./BackendsCommand.js"
 import * as KeysCommand from "./KeysCommand.js"
 import * as LogCursor from "./LogCursor.js"
 import * as LogTail from "./LogTail.js"
@@ -110,7 +111,7 @@ export const make = <E1, E2>(databases: Databases<E1, E2>) => {
     Command.provide(command, databases.store)
   return Command.make("gateway").pipe(
     Command.withDescription(
-      "Operator tools for the LLM gateway: its event log, projections, API keys and usage."
+      "Operator tools for the LLM gateway: its event log, projections, API keys, usage and backends."
     ),
     Command.withSubcommands([
       withStore(replay),
@@ -124,7 +125,8 @@ export const make = <E1, E2>(databases: Databases<E1, E2>) => {
       ),
       KeysCommand.command,
       TenantsCommand.command,
-      UsageCommand.command
+      UsageCommand.command,
+      BackendsCommand.command
     ])
   )
 }
