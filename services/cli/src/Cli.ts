@@ -1,8 +1,8 @@
 /**
  * The operator's command tree: `replay`, `events show|tail`, `projections status`, and, through a
- * running gateway's admin API, `keys`, `tenants`, `usage` and `backends`. Commands that touch the database get
- * it from the layer given to `make`, built only when such a command runs (so `--help` needs no
- * database); the admin commands need no database, only `--url` and `--admin-key`.
+ * running gateway's admin API, `keys`, `tenants`, `usage` and `backends`. Commands that touch the
+ * database get it from the layer given to `make`, built only when such a command runs (so `--help`
+ * needs no database); the admin commands need no database, only `--url` and `--admin-key`.
  */
 import { Args, Command, HelpDoc, Options, ValidationError } from "@effect/cli"
 import type { SqlClient } from "@effect/sql"
