@@ -61,7 +61,8 @@ export const projection: Projection.Projection<Map<string, Row>> = {
   tables: ["request_log"],
   create: (tables) =>
     Effect.flatMap(SqlClient.SqlClient, (sql) =>
-      sql.unsafe(`
+      sql
+        .unsafe(`
         CREATE TABLE IF NOT EXISTS ${tables("request_log")} (
           request_id text PRIMARY KEY,
           correlation_id text,
@@ -81,15 +82,16 @@ export const projection: Projection.Projection<Map<string, Row>> = {
           received_at timestamptz,
           finished_at timestamptz,
           last_position bigint NOT NULL
-        )`).pipe(
-        // Columns added since the first version; a table made before them gets them here.
-        Effect.zipRight(
-          sql.unsafe(`
+        )`)
+        .pipe(
+          // Columns added since the first version; a table made before them gets them here.
+          Effect.zipRight(
+            sql.unsafe(`
             ALTER TABLE ${tables("request_log")}
               ADD COLUMN IF NOT EXISTS requested_model text,
               ADD COLUMN IF NOT EXISTS attempts int`)
+          )
         )
-      )
     ),
   empty: () => new Map(),
   evolve: (rows, event: EventStore.RecordedEvent) => {
