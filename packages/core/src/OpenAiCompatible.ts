@@ -109,6 +109,8 @@ const httpError = async (
 
 const errorMarker = Buffer.from('"error"')
 
+const ignore = () => {}
+
 /**
  * The error a stream's first chunk reports instead of an answer (vLLM writes
  * `data: {"object":"error",…}`, others `data: {"error":{…}}`), or `undefined` for an answer.
@@ -214,6 +216,9 @@ export const make = (dispatcher: Undici.Dispatcher) => {
             const onFirst = (chunk: Buffer) => {
               body.pause()
               settled()
+              // From here on a break nobody reads yet (the fiber has not resumed, or the body is
+              // dropped) must not become an unhandled 'error' event; the relay adds its own.
+              body.on("error", ignore)
               const error = streamError(target, chunk)
               if (error !== undefined) {
                 done()
