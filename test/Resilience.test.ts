@@ -552,6 +552,31 @@ layer(Stack.layer, { excludeTestServices: true })("the gateway under backend fai
         expect(streamed.headers.get("x-gateway-fallback")).toBe("large")
         expect(streamed.chunks.length).toBeGreaterThan(outputTokens)
         expect(streamed.chunks.every((c) => c.model === "small")).toBe(true)
+
+        // The audit trail (request_log) says what was asked for, what answered, and the calls it took.
+        yield* log.caughtUp("10 seconds")
+        const audited = yield* log.query<{
+          request_id: string
+          requested_model: string
+          model: string
+          backend: string
+          attempts: number
+          outcome: string
+        }>(
+          "SELECT request_id, requested_model, model, backend, attempts, outcome FROM request_log WHERE request_id = ANY($1)",
+          [[...ids(answers), direct.id]]
+        )
+        expect(audited).toHaveLength(answers.length + 1)
+        for (const row of audited) {
+          expect(row).toMatchObject({
+            requested_model: "large",
+            model: "small",
+            backend: "small-1",
+            outcome: "completed"
+          })
+          const events = row.request_id === direct.id ? directEvents : byId.get(row.request_id)!
+          expect(row.attempts).toBe(ofType(events, "AttemptStarted").length)
+        }
       })
   )
 
