@@ -63,6 +63,9 @@ export interface Options {
   readonly gateway: string
 }
 
+/** A failed call enters the latency estimate as this many times the estimate (or its own time). */
+const FAILURE_PENALTY = 5
+
 /** Failures that say the replica is gone (not merely unhappy with one request): passive ejection. */
 const unreachable = (error: Errors.BackendError) => error.reason === "Connect" || error.reason === "Timeout"
 
@@ -219,6 +222,11 @@ export class Replica implements ReplicaLoad {
             }
             this.failures++
             this.lastError = `${error.reason}: ${error.detail}`
+            // A failure counts as a slow answer: a replica that fails fast must not look fast
+            // (and free) to the balancer, which would then send it most of the traffic.
+            const now = this.now()
+            const penalty = Math.max(now - startedAt, FAILURE_PENALTY * Ewma.valueAt(this.latency, now))
+            this.latency = Ewma.observe(this.latency, penalty, now)
             if (unreachable(error)) {
               this.unreachableInARow++
               const threshold = this.options.policy.health.ejectAfterFailures

@@ -112,6 +112,32 @@ describe("BackendPool pick", () => {
     }).pipe(Effect.provide(layer))
   })
 
+  it.effect("p2c steers away from a replica that fails fast (a failure counts as a slow answer)", () => {
+    // No breaker or ejection in the way: only the balancer decides.
+    const { layer } = harness({
+      pool: {
+        circuit_breaker: { consecutive_failures: 1000, minimum_requests: 1000 },
+        health: { eject_after_failures: 0 }
+      },
+      models: [{ name: "m", backends: backends("fast-fail", "steady") }]
+    })
+    return Effect.gen(function* () {
+      const model = yield* poolModel("m")
+      const failing = replicaOf(model, "fast-fail")
+      const steady = replicaOf(model, "steady")
+      // Both answer in 50 ms when they answer; one of them also fails at once, every other call.
+      const answer = (replica: Replica) =>
+        Effect.flatMap(replica.begin(), (lease) => Effect.zipRight(TestClock.adjust(50), lease.succeed))
+      for (let i = 0; i < 4; i++) {
+        yield* answer(steady)
+        yield* answer(failing)
+        yield* failOnce(failing, http500("fast-fail"))
+      }
+      expect(failing.latencyEwmaMs).toBeGreaterThan(2 * steady.latencyEwmaMs)
+      expect(count(yield* picks(model, 40))).toEqual({ steady: 40 })
+    }).pipe(Effect.provide(layer))
+  })
+
   it.effect("skips ejected replicas and open breakers, and answers undefined when none is left", () => {
     const { layer } = harness({ pool, models: [{ name: "m", backends: backends("a", "b", "c") }] })
     return Effect.gen(function* () {
