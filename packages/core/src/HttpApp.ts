@@ -48,6 +48,7 @@ const backendView = (r: Replica.Status) => ({
   in_flight: r.inFlight,
   ttft_ewma_ms: r.ttftMs,
   latency_ewma_ms: r.latencyMs,
+  balancer_latency_ms: r.balancerLatencyMs,
   queue_waiting: r.queueWaiting,
   queue_running: r.queueRunning,
   requests: r.requests,

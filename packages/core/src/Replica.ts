@@ -28,6 +28,8 @@ export interface Status {
   /** Estimates as the balancer sees them now (they drift back to the prior without samples). */
   readonly ttftMs: number
   readonly latencyMs: number
+  /** What the balancer weighs: the latency with failures counted as slow answers. */
+  readonly balancerLatencyMs: number
   /** From the backend's own metrics (`queue_metrics`), when scraped. */
   readonly queueWaiting: number | null
   readonly queueRunning: number | null
@@ -63,7 +65,10 @@ export interface Options {
   readonly gateway: string
 }
 
-/** A failed call enters the latency estimate as this many times the estimate (or its own time). */
+/**
+ * A failed call enters the balancer's estimate as this many times the latency of the replica's
+ * answers (or its own time, if longer): bounded, so a run of failures cannot compound.
+ */
 const FAILURE_PENALTY = 5
 
 /** Failures that say the replica is gone (not merely unhappy with one request): passive ejection. */
@@ -103,6 +108,8 @@ export class Replica implements ReplicaLoad {
   private inFlightCount = 0
   private ttft: EwmaState
   private latency: EwmaState
+  /** `latency` with failures as penalty samples: what the balancer weighs. */
+  private weighed: EwmaState
   private health: Health = "healthy"
   private ejectedAt: number | null = null
   /** Requests in a row that could not connect or timed out (passive health). */
@@ -127,6 +134,7 @@ export class Replica implements ReplicaLoad {
     this.now = now
     this.ttft = Ewma.make({}, now())
     this.latency = Ewma.make({}, now())
+    this.weighed = this.latency
   }
 
   /** A replica with a closed breaker, healthy until its checks say otherwise. */
@@ -169,7 +177,7 @@ export class Replica implements ReplicaLoad {
     return Ewma.valueAt(this.ttft, this.now())
   }
   get latencyEwmaMs(): number {
-    return Ewma.valueAt(this.latency, this.now())
+    return Ewma.valueAt(this.weighed, this.now())
   }
   get queueDepth(): number | undefined {
     return this.queueWaiting
@@ -209,6 +217,7 @@ export class Replica implements ReplicaLoad {
           if (!end()) return Effect.void
           const now = this.now()
           this.latency = Ewma.observe(this.latency, now - startedAt, now)
+          this.weighed = Ewma.observe(this.weighed, now - startedAt, now)
           this.unreachableInARow = 0
           return permit.succeed
         }),
@@ -226,7 +235,7 @@ export class Replica implements ReplicaLoad {
             // (and free) to the balancer, which would then send it most of the traffic.
             const now = this.now()
             const penalty = Math.max(now - startedAt, FAILURE_PENALTY * Ewma.valueAt(this.latency, now))
-            this.latency = Ewma.observe(this.latency, penalty, now)
+            this.weighed = Ewma.observe(this.weighed, penalty, now)
             if (unreachable(error)) {
               this.unreachableInARow++
               const threshold = this.options.policy.health.ejectAfterFailures
@@ -299,6 +308,8 @@ export class Replica implements ReplicaLoad {
     )
     this.health = "healthy"
     this.ejectedAt = null
+    // Proven by its probes: the failures that ejected it no longer weigh against it.
+    this.weighed = this.latency
     this.checksInARow = 0
     this.unreachableInARow = 0
     return "restored"
@@ -321,7 +332,8 @@ export class Replica implements ReplicaLoad {
       breaker,
       inFlight: this.inFlightCount,
       ttftMs: Math.round(this.ttftEwmaMs * 100) / 100,
-      latencyMs: Math.round(this.latencyEwmaMs * 100) / 100,
+      latencyMs: Math.round(Ewma.valueAt(this.latency, this.now()) * 100) / 100,
+      balancerLatencyMs: Math.round(this.latencyEwmaMs * 100) / 100,
       queueWaiting: this.queueWaiting ?? null,
       queueRunning: this.queueRunning ?? null,
       requests: this.requests,

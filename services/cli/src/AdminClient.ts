@@ -122,6 +122,8 @@ export const Backend = Schema.Struct({
   /** The balancer's estimates now (they drift back to the prior without samples). */
   ttft_ewma_ms: Schema.Number,
   latency_ewma_ms: Schema.Number,
+  /** The latency the balancer weighs (failures counted as slow answers). */
+  balancer_latency_ms: Schema.Number,
   /** From the backend's own metrics, when scraped (`queue_metrics`). */
   queue_waiting: Schema.NullOr(Schema.Number),
   queue_running: Schema.NullOr(Schema.Number),

@@ -32,6 +32,7 @@ const replica = (overrides: Partial<Backend> & Pick<Backend, "id">): Backend => 
   in_flight: 0,
   ttft_ewma_ms: 0,
   latency_ewma_ms: 0,
+  balancer_latency_ms: 0,
   queue_waiting: null,
   queue_running: null,
   requests: 0,
