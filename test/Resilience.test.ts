@@ -62,7 +62,8 @@ const gatewayConfig = (urls: {
   models: [
     {
       name: "refuse",
-      balancer: "p2c",
+      // Round-robin keeps sending it requests until they eject it (p2c would soon weigh it as
+      // slow and mostly leave it alone: fewer retries, but a slower ejection without checks).
       backends: [
         { id: "refuse-a", url: urls.refusing },
         { id: "refuse-b", url: urls.healthy }
