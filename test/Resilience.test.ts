@@ -28,6 +28,9 @@ const firstByteMs = 300
 const cooldownMs = 2000
 
 /** A breaker that never opens: scenarios about retries see every attempt. */
+/** The longest silence between two chunks the `sluggish` model allows. */
+const idleMs = 300
+
 const breakerOff = { consecutive_failures: 1_000_000, minimum_requests: 1_000_000 }
 
 /** What every gateway of this file shares: retries, ejections and probes, quick enough to test. */
@@ -112,6 +115,7 @@ const gatewayConfig = (urls: {
       ]
     },
     { name: "brittle", backends: [{ id: "brittle-1", url: urls.faulty }] },
+    { name: "sluggish", timeouts: { idle_ms: idleMs }, backends: [{ id: "sluggish-1", url: urls.faulty }] },
     {
       name: "doomed",
       retry: { max_attempts: 2 },
@@ -700,6 +704,47 @@ layer(Stack.layer, { excludeTestServices: true })("the gateway under backend fai
         expect(view.failures).toBe(streams.length)
         expect(view.last_error).toMatch(/^StreamBroken: /)
         expect(yield* Chaos.backendEvents(log, "brittle-1")).toEqual([])
+      })
+  )
+
+  it.scoped(
+    "a stream that falls silent after its first token ends at idle_ms with one timeout event, recorded as failed after the first byte",
+    () =>
+      Effect.gen(function* () {
+        const { gateway, faulty, log } = yield* Stack
+        // The first token comes at once, the next one 5 s later: far past idle_ms.
+        yield* faulty.withConfig({ model: "sluggish", itlMs: 5000 })
+        const answers = yield* Chaos.load(gateway.url, "sluggish", {
+          n: 12,
+          concurrency: 6,
+          stream: () => true
+        })
+        for (const answer of answers) {
+          expect(answer).toMatchObject({ status: 200, backend: "sluggish-1", done: false })
+          // Ended at the idle bound, not when the backend would have gone on.
+          expect(answer.elapsedMs).toBeGreaterThanOrEqual(idleMs - 20)
+          expect(answer.elapsedMs).toBeLessThan(2500)
+          expect(Chaos.streamedText(answer.events).length).toBeGreaterThan(0)
+          const errors = answer.events.filter((e) => e.error !== undefined)
+          expect(errors).toHaveLength(1)
+          expect(answer.events.at(-1)).toBe(errors[0])
+          expect(errors[0].error).toMatchObject({ code: "backend_timeout", type: "timeout_error" })
+          expect(errors[0].error.message).toContain(`no chunk for ${idleMs} ms`)
+        }
+        const byId = yield* Chaos.settledEvents(log, ids(answers))
+        for (const answer of answers) {
+          const events = byId.get(answer.id)!
+          expect(events.map((e) => e.type)).toEqual([
+            "RequestReceived",
+            "RequestRouted",
+            "AttemptStarted",
+            "AttemptFailed",
+            "RequestFailed"
+          ])
+          expect(events[3]!.data).toMatchObject({ error: { reason: "Timeout" }, afterFirstByte: true })
+          expect(events[4]!.data).toMatchObject({ status: 200, error: { reason: "Timeout" }, attempts: 1 })
+          expect(events[4]!.data.tokensDelivered).toBeGreaterThan(0)
+        }
       })
   )
 
