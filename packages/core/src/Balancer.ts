@@ -103,6 +103,17 @@ const pickP2c = <Id extends string>(
   const n = eligibleCount(candidates, exclude)
   if (n === 0) return Effect.succeed(leastLoaded(candidates))
   if (n === 1) return Effect.succeed(nthEligible(candidates, exclude, 0).id)
+  if (n === 2) {
+    // Both are drawn whatever the draw: the cheaper wins, and only a tie needs a coin.
+    const a = nthEligible(candidates, exclude, 0)
+    const b = nthEligible(candidates, exclude, 1)
+    const ca = cost(a)
+    const cb = cost(b)
+    if (ca !== cb) return Effect.succeed(ca < cb ? a.id : b.id)
+    return Effect.randomWith((random) =>
+      Effect.map(random.nextIntBetween(0, 2), (i) => (i === 0 ? a.id : b.id))
+    )
+  }
   return Effect.randomWith((random) =>
     Effect.flatMap(random.nextIntBetween(0, n), (i) =>
       Effect.map(random.nextIntBetween(0, n - 1), (drawn) => {

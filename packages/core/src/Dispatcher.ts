@@ -53,22 +53,24 @@ export class Dispatcher extends Effect.Service<Dispatcher>()("@gateway/core/Disp
       Effect.gen(function* () {
         const startedAt = yield* Clock.currentTimeMillis
         const deadlineAt = startedAt + primary.policy.retry.deadlineMs
-        const chain: Array<ModelPool> = [primary]
-        for (const name of primary.policy.fallbacks) {
-          const fallback = pool.model(name)
-          if (fallback !== undefined) chain.push(fallback)
-        }
+        const fallbacks = primary.policy.fallbacks
+        /** The requested model, then its fallbacks (validated at start-up: all exist). */
+        const chain = (m: number): ModelPool | undefined =>
+          m === 0 ? primary : pool.model(fallbacks[m - 1]!)
+        const chainLength = fallbacks.length + 1
         let attempt = 0
         let lastError: Errors.BackendError | undefined
         let lastBackend: string | undefined
         let why: Events.RouteReason = "requested"
         let detail: string | undefined
-        for (let m = 0; m < chain.length; m++) {
-          const target = chain[m]!
-          const last = m === chain.length - 1
+        for (let m = 0; m < chainLength; m++) {
+          const target = chain(m)
+          if (target === undefined) continue
+          const last = m === chainLength - 1
           const { maxAttempts } = target.policy.retry
-          const tried = new Set<string>()
-          const refused = new Set<string>()
+          /** Replicas this model's attempts failed on, or whose breaker refused (made on need). */
+          let tried: Set<string> | undefined
+          let refused: Set<string> | undefined
           /** The retry schedule's state, made at the first failure (most requests never need it). */
           let backoff: Schedule.ScheduleDriver<Duration.Duration, unknown> | undefined
           let here = 0
@@ -77,13 +79,15 @@ export class Dispatcher extends Effect.Service<Dispatcher>()("@gateway/core/Disp
             const replica =
               (yield* target.pick(tried)) ??
               (last && here === 0 ? yield* target.pick(tried, true) : undefined)
-            if (replica === undefined || refused.has(replica.id)) break
+            if (replica === undefined || refused?.has(replica.id)) break
             // Every replica failed once and another model may answer: fall back rather than retry.
-            if (tried.has(replica.id) && !last) break
+            if (tried?.has(replica.id) && !last) break
             const begun = yield* Effect.either(replica.begin())
             if (Either.isLeft(begun)) {
               // Its breaker changed its mind since the pick (a half-open probe slot was taken).
+              refused ??= new Set()
               refused.add(replica.id)
+              tried ??= new Set()
               tried.add(replica.id)
               continue
             }
@@ -127,6 +131,7 @@ export class Dispatcher extends Effect.Service<Dispatcher>()("@gateway/core/Disp
             const error = result.left
             yield* lease.fail(error)
             lastError = error
+            tried ??= new Set()
             tried.add(replica.id)
             yield* recording.record(
               new Events.AttemptFailed(
@@ -146,7 +151,7 @@ export class Dispatcher extends Effect.Service<Dispatcher>()("@gateway/core/Disp
               Effect.annotateLogs({ backend: replica.id, model: target.name, attempt, error: error.message })
             )
             if (here >= maxAttempts) break
-            if (!last && target.replicas.every((r) => tried.has(r.id) || !r.available())) break
+            if (!last && target.replicas.every((r) => tried!.has(r.id) || !r.available())) break
             // Waits out the backoff; done when the attempts or the deadline are used up.
             backoff ??= yield* Schedule.driver(RetryPolicy.schedule(target.policy.retry, startedAt))
             if (Either.isLeft(yield* Effect.either(backoff.next(error)))) break
@@ -157,11 +162,11 @@ export class Dispatcher extends Effect.Service<Dispatcher>()("@gateway/core/Disp
           if (last || (yield* Clock.currentTimeMillis) >= deadlineAt) break
           why = "fallback"
           detail =
-            lastError !== undefined && lastBackend !== undefined && tried.has(lastBackend)
+            lastError !== undefined && lastBackend !== undefined && tried?.has(lastBackend)
               ? `${target.name}: no replica answered (last: ${lastError.reason}${lastError.status === undefined ? "" : ` ${lastError.status}`} on ${lastBackend})`
               : `${target.name}: no replica available (${target.unavailable()})`
           yield* Effect.logWarning("falling back to another model").pipe(
-            Effect.annotateLogs({ from: target.name, to: chain[m + 1]!.name, why: detail })
+            Effect.annotateLogs({ from: target.name, to: fallbacks[m]!, why: detail })
           )
         }
         const retryAfterMs = primary.retryAfterMs()
@@ -170,7 +175,7 @@ export class Dispatcher extends Effect.Service<Dispatcher>()("@gateway/core/Disp
           new Errors.BackendError({
             reason: "Unavailable",
             backend: primary.replicas[0]?.id ?? primary.name,
-            detail: chain.map((p) => p.unavailable()).join("; "),
+            detail: Array.from({ length: chainLength }, (_, m) => chain(m)?.unavailable() ?? "").join("; "),
             ...(retryAfterMs === undefined
               ? {}
               : { retryAfter: String(Math.max(1, Math.ceil(retryAfterMs / 1000))) })
