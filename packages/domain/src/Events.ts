@@ -8,6 +8,7 @@ import { Clock, Effect, Either, Option, ParseResult, Schema } from "effect"
 import { BackendFailure } from "./Errors.js"
 import { BackendId, KeyId, ModelName, RequestId, TenantId } from "./Ids.js"
 import { Cost } from "./Pricing.js"
+import { Features, Tier } from "./Routing.js"
 
 const optional = <S extends Schema.Schema.Any>(schema: S) => Schema.optionalWith(schema, { exact: true })
 
@@ -94,6 +95,23 @@ export class RequestRouted extends Schema.TaggedClass<RequestRouted>()("RequestR
   why: RouteReason,
   /** E.g. the tier and score, or the error that caused the fallback. */
   detail: optional(Schema.String)
+}) {}
+
+/**
+ * The classifier's decision for a request that named a routing policy (or a model a policy
+ * observes): the tier, the score and the features behind it, and whether the route followed it
+ * (`acted: false` in shadow mode), so decisions can be audited and re-evaluated by replay.
+ */
+export class RequestClassified extends Schema.TaggedClass<RequestClassified>()("RequestClassified", {
+  policy: Schema.String,
+  tier: Tier,
+  score: Schema.Number,
+  features: Features,
+  /** The model the policy chose for the tier. */
+  model: ModelName,
+  acted: Schema.Boolean,
+  /** The second opinion's tier, when one was asked and answered in time. */
+  secondOpinion: optional(Tier)
 }) {}
 
 /** A call to a backend began; `attempt` counts from 1 across retries and fallbacks. */
@@ -205,6 +223,7 @@ export const RequestEvent = Schema.Union(
   RequestReceived,
   RequestRejected,
   RequestRouted,
+  RequestClassified,
   AttemptStarted,
   AttemptFailed,
   RequestCompleted,

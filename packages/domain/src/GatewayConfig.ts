@@ -4,6 +4,7 @@
  */
 import { Schema } from "effect"
 import { BackendId, ModelName } from "./Ids.js"
+import { RoutingConfig } from "./Routing.js"
 import { LimitsInput } from "./Tenancy.js"
 
 const PositiveInt = Schema.Int.pipe(Schema.greaterThanOrEqualTo(1))
@@ -315,15 +316,48 @@ const uniqueNames = (models: ReadonlyArray<ModelConfig>) => {
   return true
 }
 
-export class GatewayConfig extends Schema.Class<GatewayConfig>("GatewayConfig")({
-  server: Schema.optionalWith(ServerConfig, { default: () => ServerConfig.make({}) }),
-  timeouts: Schema.optionalWith(Timeouts, { default: () => Timeouts.make({}) }),
-  events: Schema.optionalWith(EventsConfig, { default: () => EventsConfig.make({}) }),
-  limits: Schema.optionalWith(LimitsConfig, { default: () => LimitsConfig.make({}) }),
-  metering: Schema.optionalWith(MeteringConfig, { default: () => MeteringConfig.make({}) }),
-  pool: Schema.optionalWith(PoolConfig, { default: () => PoolConfig.make({}) }),
-  models: Schema.NonEmptyArray(ModelConfig).pipe(Schema.filter(uniqueNames))
-}) {
+/** Policies name models that exist, and no policy is named like a model (or another policy). */
+const routesToModels = (config: {
+  readonly routing: RoutingConfig
+  readonly models: ReadonlyArray<ModelConfig>
+}) => {
+  const models = new Set(config.models.map((m) => m.name as string))
+  const names = new Set<string>()
+  for (const [i, policy] of config.routing.policies.entries()) {
+    const at = ["routing", "policies", i]
+    if (models.has(policy.name))
+      return { path: [...at, "name"], message: `'${policy.name}' is a model's name` }
+    if (names.has(policy.name)) return { path: [...at, "name"], message: `duplicate policy '${policy.name}'` }
+    names.add(policy.name)
+    for (const [tier, model] of Object.entries(policy.tiers)) {
+      if (!models.has(model)) return { path: [...at, "tiers", tier], message: `unknown model '${model}'` }
+    }
+    for (const [j, model] of policy.observe.entries()) {
+      if (!models.has(model)) return { path: [...at, "observe", j], message: `unknown model '${model}'` }
+    }
+  }
+  const second = config.routing.classifier.secondOpinion
+  if (second !== undefined && !models.has(second.model)) {
+    return {
+      path: ["routing", "classifier", "second_opinion", "model"],
+      message: `unknown model '${second.model}'`
+    }
+  }
+  return true
+}
+
+export class GatewayConfig extends Schema.Class<GatewayConfig>("GatewayConfig")(
+  Schema.Struct({
+    server: Schema.optionalWith(ServerConfig, { default: () => ServerConfig.make({}) }),
+    timeouts: Schema.optionalWith(Timeouts, { default: () => Timeouts.make({}) }),
+    events: Schema.optionalWith(EventsConfig, { default: () => EventsConfig.make({}) }),
+    limits: Schema.optionalWith(LimitsConfig, { default: () => LimitsConfig.make({}) }),
+    metering: Schema.optionalWith(MeteringConfig, { default: () => MeteringConfig.make({}) }),
+    pool: Schema.optionalWith(PoolConfig, { default: () => PoolConfig.make({}) }),
+    routing: Schema.optionalWith(RoutingConfig, { default: () => RoutingConfig.make({}) }),
+    models: Schema.NonEmptyArray(ModelConfig).pipe(Schema.filter(uniqueNames))
+  }).pipe(Schema.filter(routesToModels))
+) {
   /** The timeouts that apply to one model: its overrides over the global ones. */
   timeoutsFor(model: ModelConfig): Timeouts {
     const o = model.timeouts
