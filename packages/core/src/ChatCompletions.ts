@@ -6,7 +6,6 @@ import { type HttpServerRequest, HttpServerResponse } from "@effect/platform"
 import { Errors, Events, Ids, OpenAi } from "@gateway/domain"
 import { Effect, Either, Exit, ParseResult, Runtime } from "effect"
 import { Auth } from "./Auth.js"
-import { BackendPool } from "./BackendPool.js"
 import type { RequestInfo } from "./CurrentRequest.js"
 import * as Dispatcher from "./Dispatcher.js"
 import * as ErrorResponse from "./ErrorResponse.js"
@@ -14,6 +13,7 @@ import { Meter } from "./Meter.js"
 import { type Admission, RateLimiter } from "./RateLimiter.js"
 import { Recorder } from "./Recorder.js"
 import * as RequestBody from "./RequestBody.js"
+import { type Decision, Router } from "./Router.js"
 import { Settings } from "./Settings.js"
 import * as SseRelay from "./SseRelay.js"
 import { SseScanner, UsageFilter } from "./SseScanner.js"
@@ -131,6 +131,37 @@ const withUsageRequested = (raw: Uint8Array, body: OpenAi.ChatCompletionRequest)
 
 const nothingUsed = { tokens: 0, costMicroUsd: 0 }
 
+const none: ReadonlyArray<never> = []
+
+/** A policy's decision as the `RequestClassified` event has it. */
+const classified = (decision: Decision) =>
+  new Events.RequestClassified(
+    {
+      policy: decision.policy,
+      tier: decision.classification.tier,
+      score: decision.classification.score,
+      features: decision.classification.features,
+      model: decision.model as Events.RequestClassified["model"],
+      acted: decision.acted,
+      ...(decision.classification.secondOpinion === undefined
+        ? {}
+        : { secondOpinion: decision.classification.secondOpinion })
+    },
+    true
+  )
+
+/** Why the first attempt goes where it goes, when a policy decided (acting or in shadow mode). */
+const routeReason = (decision: Decision | undefined) => {
+  if (decision === undefined) return undefined
+  const { tier, score } = decision.classification
+  return decision.acted
+    ? { why: "tier" as const, detail: `${decision.policy}: ${tier} (score ${score})` }
+    : {
+        why: "requested" as const,
+        detail: `${decision.policy} in shadow mode: would send this ${tier} request (score ${score}) to ${decision.model}`
+      }
+}
+
 /** Ends a stream with nothing more (instead of `[DONE]`). */
 const noBytes = new Uint8Array(0)
 
@@ -138,7 +169,7 @@ const elapsed = (since: number) => Math.round((performance.now() - since) * 100)
 
 export class ChatCompletions extends Effect.Service<ChatCompletions>()("@gateway/core/ChatCompletions", {
   effect: Effect.gen(function* () {
-    const pool = yield* BackendPool
+    const router = yield* Router
     const dispatcher = yield* Dispatcher.Dispatcher
     const recorder = yield* Recorder
     const meter = yield* Meter
@@ -190,8 +221,7 @@ export class ChatCompletions extends Effect.Service<ChatCompletions>()("@gateway
         info.stream = stream
         const allowed = auth.authorizeModel(principal, body.model)
         if (Either.isLeft(allowed)) return yield* allowed.left
-        const primary = pool.model(body.model)
-        if (primary === undefined) return yield* new Errors.ModelNotFound({ model: body.model })
+        const { primary, decision, observed } = yield* router.route(body)
 
         // Reserve the worst case: the prompt as the tokenizer counts it, and every token the
         // answer may have. Counted only for callers with token or spend limits.
@@ -231,7 +261,9 @@ export class ChatCompletions extends Effect.Service<ChatCompletions>()("@gateway
               payload: recording.payload(raw, body)
             },
             true
-          )
+          ),
+          ...(decision === undefined ? none : [classified(decision)]),
+          ...observed.map(classified)
         )
 
         const outgoing = withUsageRequested(raw, body)
@@ -239,7 +271,7 @@ export class ChatCompletions extends Effect.Service<ChatCompletions>()("@gateway
         // interruption can leave a backend body without a reader.
         const run = Runtime.runPromise(yield* Effect.runtime<never>())
         const committed = yield* dispatcher
-          .dispatch(primary, recording, info, outgoing)
+          .dispatch(primary, recording, info, outgoing, routeReason(decision))
           .pipe(Effect.onInterrupt(() => recording.record(cancelled(0, false))))
         const { answer, replica, lease, attempts } = committed
         const model = committed.pool.entry.config.name
@@ -252,6 +284,7 @@ export class ChatCompletions extends Effect.Service<ChatCompletions>()("@gateway
           "x-gateway-model": model
         }
         if (committed.pool !== primary) answerHeaders["x-gateway-fallback"] = primary.name
+        if (decision?.acted === true) answerHeaders["x-gateway-tier"] = decision.classification.tier
         if (attempts > 1) answerHeaders["x-gateway-attempts"] = String(attempts)
 
         if (answer._tag === "Complete") {

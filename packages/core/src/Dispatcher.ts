@@ -48,7 +48,9 @@ export class Dispatcher extends Effect.Service<Dispatcher>()("@gateway/core/Disp
       primary: ModelPool,
       recording: Recording,
       info: RequestInfo,
-      outgoing: { readonly raw: Uint8Array; readonly body: OpenAi.ChatCompletionRequest }
+      outgoing: { readonly raw: Uint8Array; readonly body: OpenAi.ChatCompletionRequest },
+      /** Why the first attempt goes to `primary` (a policy's tier), for its `RequestRouted`. */
+      reason?: { readonly why: Events.RouteReason; readonly detail: string }
     ): Effect.Effect<Committed, Errors.BackendError> =>
       Effect.gen(function* () {
         const startedAt = yield* Clock.currentTimeMillis
@@ -61,8 +63,8 @@ export class Dispatcher extends Effect.Service<Dispatcher>()("@gateway/core/Disp
         let attempt = 0
         let lastError: Errors.BackendError | undefined
         let lastBackend: string | undefined
-        let why: Events.RouteReason = "requested"
-        let detail: string | undefined
+        let why: Events.RouteReason = reason?.why ?? "requested"
+        let detail: string | undefined = reason?.detail
         for (let m = 0; m < chainLength; m++) {
           const target = chain(m)
           if (target === undefined) continue

@@ -60,7 +60,16 @@ export class Models extends Effect.Service<Models>()("@gateway/core/Models", {
     const created = Math.floor(Date.now() / 1000)
     const list: OpenAi.ModelList = {
       object: "list",
-      data: config.models.map((m) => ({ id: m.name, object: "model", created, owned_by: m.ownedBy }))
+      data: [
+        ...config.models.map((m) => ({ id: m.name, object: "model" as const, created, owned_by: m.ownedBy })),
+        // Routing policies are names clients can send as `model` too.
+        ...config.routing.policies.map((p) => ({
+          id: p.name,
+          object: "model" as const,
+          created,
+          owned_by: "router"
+        }))
+      ]
     }
 
     /** The model called `name`, or `ModelNotFound`. */

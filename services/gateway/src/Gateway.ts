@@ -25,6 +25,7 @@ import {
   Readiness,
   Recording,
   RedisLimiterStore,
+  Router,
   Settings,
   Tracing
 } from "@gateway/core"
@@ -247,7 +248,7 @@ export const layer = (options: Options) => {
     )
   )
   return app.pipe(
-    Layer.provide(Dispatcher.Dispatcher.Default),
+    Layer.provide(Layer.merge(Dispatcher.Dispatcher.Default, Router.Router.Default)),
     Layer.provideMerge(backends),
     Layer.provideMerge(Models.Models.Default),
     Layer.provide(OpenAiCompatible.layer),
