@@ -5,11 +5,15 @@
  * concrete model classify that model's requests without acting. Every decision is returned for
  * the record (`RequestClassified`).
  */
-import { Errors, type OpenAi, type Routing } from "@gateway/domain"
-import { Effect, Either } from "effect"
+import { Errors, type Ids, type OpenAi, type Routing } from "@gateway/domain"
+import { Cause, Duration, Effect, Either, Exit, Option } from "effect"
 import { BackendPool, type ModelPool } from "./BackendPool.js"
 import * as Classifier from "./Classifier.js"
+import * as SecondOpinion from "./SecondOpinion.js"
 import { Settings } from "./Settings.js"
+import { Upstream } from "./Upstream.js"
+
+const encoder = new TextEncoder()
 
 /** One policy's decision on a request. */
 export interface Decision {
@@ -36,6 +40,7 @@ export class Router extends Effect.Service<Router>()("@gateway/core/Router", {
   effect: Effect.gen(function* () {
     const settings = yield* Settings
     const pool = yield* BackendPool
+    const upstream = yield* Upstream
     const { classifier, policies } = settings.routing
     const byName = new Map(policies.map((p) => [p.name as string, p]))
     const observers = new Map<string, Array<Routing.PolicyConfig>>()
@@ -59,6 +64,56 @@ export class Router extends Effect.Service<Router>()("@gateway/core/Router", {
         model: policy.tiers[classification.tier],
         acted: acting && !policy.shadow
       }
+    }
+
+    const second = classifier.secondOpinion
+    /**
+     * The classification, revised by the second-opinion model when the score is in its band and
+     * it answers in time with a tier; anything else (timeout, error, nonsense) keeps it as it is.
+     */
+    const reconsider = (
+      body: OpenAi.ChatCompletionRequest,
+      classification: Routing.Classification,
+      requestId: Ids.RequestId
+    ): Effect.Effect<Routing.Classification> => {
+      if (second === undefined) return Effect.succeed(classification)
+      const [low, high] = second.band
+      if (classification.score < low || classification.score > high) return Effect.succeed(classification)
+      const target = pool.model(second.model)
+      if (target === undefined) return Effect.succeed(classification)
+      return Effect.gen(function* () {
+        const replica = yield* target.pick()
+        if (replica === undefined) return classification
+        const lease = yield* replica.begin()
+        const question = SecondOpinion.request(target.entry.config.name, body)
+        const answer = yield* upstream
+          .chat({
+            requestId,
+            clientRequestId: undefined,
+            target: replica.target,
+            body: question,
+            raw: encoder.encode(JSON.stringify(question))
+          })
+          .pipe(
+            Effect.timeout(Duration.millis(second.timeoutMs)),
+            Effect.onExit((exit) =>
+              Exit.isSuccess(exit)
+                ? lease.succeed
+                : Option.match(Cause.failureOption(exit.cause), {
+                    // Too slow for the budget, or interrupted: says nothing about the backend.
+                    onNone: () => lease.release,
+                    onSome: (error) =>
+                      error instanceof Errors.BackendError ? lease.fail(error) : lease.release
+                  })
+            )
+          )
+        const tier = answer._tag === "Complete" ? SecondOpinion.tierOf(answer.body) : undefined
+        return tier === undefined ? classification : { ...classification, tier, secondOpinion: tier }
+      }).pipe(
+        Effect.catchAll((error) =>
+          Effect.as(Effect.logDebug("second opinion not taken", String(error)), classification)
+        )
+      )
     }
 
     /** The route of `body`, or `ModelNotFound` when it names neither a model nor a policy. */
@@ -86,8 +141,22 @@ export class Router extends Effect.Service<Router>()("@gateway/core/Router", {
      * The route of `body`: its model, or its policy's choice; `ModelNotFound` when it names
      * neither. An Effect because a policy may ask a model for a second opinion.
      */
-    const route = (body: OpenAi.ChatCompletionRequest): Effect.Effect<Route, Errors.ModelNotFound> =>
-      routeNow(body)
+    const route = (
+      body: OpenAi.ChatCompletionRequest,
+      requestId: Ids.RequestId
+    ): Effect.Effect<Route, Errors.ModelNotFound> => {
+      const now = routeNow(body)
+      if (second === undefined || Either.isLeft(now) || now.right.decision === undefined) return now
+      const found = now.right
+      const decision = found.decision!
+      return Effect.map(reconsider(body, decision.classification, requestId), (classification): Route => {
+        if (classification === decision.classification) return found
+        const policy = byName.get(decision.policy)!
+        const revised: Decision = { ...decision, classification, model: policy.tiers[classification.tier] }
+        if (!revised.acted) return { ...found, decision: revised }
+        return { ...found, decision: revised, primary: pool.model(revised.model) ?? found.primary }
+      })
+    }
 
     return { route } as const
   })
