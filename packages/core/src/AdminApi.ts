@@ -29,6 +29,7 @@ export const keyView = (key: KeyRecord) => ({
   limits: Tenancy.limitsOutput(key.limits),
   scopes: key.scopes,
   metadata: key.metadata,
+  policy: key.policy,
   created_at: key.createdAt.toISOString(),
   revoked_at: key.revoked === null ? null : key.revoked.at.toISOString(),
   revoked_reason: key.revoked?.reason ?? null
@@ -40,6 +41,7 @@ export const tenantView = (tenant: TenantRecord) => ({
   name: tenant.name,
   limits: Tenancy.limitsOutput(tenant.limits),
   metadata: tenant.metadata,
+  policy: tenant.policy,
   created_at: tenant.createdAt.toISOString()
 })
 
@@ -49,20 +51,26 @@ const NewTenantBody = Schema.Struct({
   id: Schema.String,
   name: Schema.optional(Schema.String),
   limits: Schema.optional(Tenancy.LimitsInput),
-  metadata: Schema.optional(Tenancy.Metadata)
+  metadata: Schema.optional(Tenancy.Metadata),
+  policy: Schema.optional(Schema.NullOr(Schema.String))
 })
-const TenantPatch = Schema.Struct({ limits: Tenancy.LimitsInput })
+const TenantPatch = Schema.Struct({
+  limits: Schema.optional(Tenancy.LimitsInput),
+  policy: Schema.optional(Schema.NullOr(Schema.String))
+})
 const NewKeyBody = Schema.Struct({
   tenant: Schema.String.pipe(Schema.minLength(1)),
   name: Schema.String,
   models: Schema.optional(Models),
   limits: Schema.optional(Tenancy.LimitsInput),
   scopes: Schema.optional(Schema.Array(Tenancy.Scope)),
-  metadata: Schema.optional(Tenancy.Metadata)
+  metadata: Schema.optional(Tenancy.Metadata),
+  policy: Schema.optional(Schema.NullOr(Schema.String))
 })
 const KeyPatch = Schema.Struct({
   limits: Schema.optional(Tenancy.LimitsInput),
-  models: Schema.optional(Models)
+  models: Schema.optional(Models),
+  policy: Schema.optional(Schema.NullOr(Schema.String))
 })
 const RevokeBody = Schema.Struct({ reason: Schema.optional(Schema.String) })
 
@@ -264,7 +272,7 @@ export const make = Effect.gen(function* () {
         if (method === "GET") return Effect.map(admin.tenantOf(id), (t) => json(tenantView(t)))
         if (method === "PATCH") {
           return Effect.flatMap(bodyOf(request, TenantPatch), (body) =>
-            Effect.map(admin.changeTenant(id, body.limits, by, info.requestId), (t) => json(tenantView(t)))
+            Effect.map(admin.changeTenant(id, body, by, info.requestId), (t) => json(tenantView(t)))
           )
         }
         return notFound

@@ -221,7 +221,7 @@ export class ChatCompletions extends Effect.Service<ChatCompletions>()("@gateway
         info.stream = stream
         const allowed = auth.authorizeModel(principal, body.model)
         if (Either.isLeft(allowed)) return yield* allowed.left
-        const { primary, decision, observed } = yield* router.route(body, info.requestId)
+        const { primary, decision, observed } = yield* router.route(body, info.requestId, principal)
 
         // Reserve the worst case: the prompt as the tokenizer counts it, and every token the
         // answer may have. Counted only for callers with token or spend limits.

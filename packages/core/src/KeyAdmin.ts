@@ -37,6 +37,12 @@ export interface NewTenant {
   readonly name?: string | undefined
   readonly limits?: Tenancy.LimitsInput | undefined
   readonly metadata?: Tenancy.Metadata | undefined
+  readonly policy?: string | null | undefined
+}
+
+export interface TenantChange {
+  readonly limits?: Tenancy.LimitsInput | undefined
+  readonly policy?: string | null | undefined
 }
 
 export interface NewKey {
@@ -46,11 +52,13 @@ export interface NewKey {
   readonly limits?: Tenancy.LimitsInput | undefined
   readonly scopes?: ReadonlyArray<Tenancy.Scope> | undefined
   readonly metadata?: Tenancy.Metadata | undefined
+  readonly policy?: string | null | undefined
 }
 
 export interface KeyChange {
   readonly limits?: Tenancy.LimitsInput | undefined
   readonly models?: ReadonlyArray<string> | null | undefined
+  readonly policy?: string | null | undefined
 }
 
 const isTenantId = (id: string) => /^[A-Za-z0-9._-]{1,64}$/.test(id)
@@ -74,7 +82,20 @@ export class KeyAdmin extends Effect.Service<KeyAdmin>()("@gateway/core/KeyAdmin
   effect: Effect.gen(function* () {
     const store = yield* EventStore.EventStore
     const registry = yield* KeyRegistry
-    const defaults = (yield* Settings).limits.keyDefaults
+    const settings = yield* Settings
+    const defaults = settings.limits.keyDefaults
+    const policies = new Set(settings.routing.policies.map((p) => p.name as string))
+    /** A binding to a policy the config does not have would route nowhere: refused. */
+    const checkPolicy = (policy: string | null | undefined) =>
+      policy === undefined || policy === null || policies.has(policy)
+        ? Effect.void
+        : Effect.fail(
+            new Errors.InvalidRequest({
+              message: `There is no routing policy '${policy}' (configured: ${[...policies].join(", ") || "none"}).`,
+              param: "policy",
+              code: "invalid_value"
+            })
+          )
     const defaultLimits =
       defaults === undefined ? Tenancy.noLimits : Tenancy.applyLimits(Tenancy.noLimits, defaults)
 
@@ -109,6 +130,7 @@ export class KeyAdmin extends Effect.Service<KeyAdmin>()("@gateway/core/KeyAdmin
             code: "invalid_value"
           })
         }
+        yield* checkPolicy(input.policy)
         const tenantId = Ids.TenantId.make(input.id)
         const limits =
           input.limits === undefined ? Tenancy.noLimits : yield* limitsOver(Tenancy.noLimits, input.limits)
@@ -117,6 +139,7 @@ export class KeyAdmin extends Effect.Service<KeyAdmin>()("@gateway/core/KeyAdmin
           name: input.name ?? input.id,
           limits,
           ...(input.metadata === undefined ? {} : { metadata: input.metadata }),
+          ...(typeof input.policy === "string" ? { policy: input.policy } : {}),
           by
         })
         yield* append(Tenancy.tenantStream(tenantId), event, 0, requestId).pipe(
@@ -140,12 +163,14 @@ export class KeyAdmin extends Effect.Service<KeyAdmin>()("@gateway/core/KeyAdmin
       return key === undefined ? Effect.fail(new Errors.NotFound({ what: "key", id })) : Effect.succeed(key)
     }
 
-    const changeTenant = (id: string, limits: Tenancy.LimitsInput, by: string, requestId: Ids.RequestId) =>
+    const changeTenant = (id: string, change: TenantChange, by: string, requestId: Ids.RequestId) =>
       Effect.gen(function* () {
         const tenant = yield* tenantOf(id)
+        yield* checkPolicy(change.policy)
         const event = new Tenancy.TenantLimitsChanged({
           tenantId: tenant.tenantId,
-          limits: yield* limitsOver(tenant.limits, limits),
+          limits: change.limits === undefined ? tenant.limits : yield* limitsOver(tenant.limits, change.limits),
+          ...(change.policy === undefined ? {} : { policy: change.policy }),
           by
         })
         yield* append(Tenancy.tenantStream(tenant.tenantId), event, tenant.version, requestId).pipe(
@@ -167,6 +192,7 @@ export class KeyAdmin extends Effect.Service<KeyAdmin>()("@gateway/core/KeyAdmin
             code: "missing_required_parameter"
           })
         }
+        yield* checkPolicy(input.policy)
         if (registry.tenant(input.tenant) === undefined) {
           yield* createTenant({ id: input.tenant }, by, requestId).pipe(
             Effect.catchTag("Conflict", () => Effect.void)
@@ -186,6 +212,7 @@ export class KeyAdmin extends Effect.Service<KeyAdmin>()("@gateway/core/KeyAdmin
           limits: input.limits === undefined ? defaultLimits : yield* limitsOver(defaultLimits, input.limits),
           scopes: [...(input.scopes ?? [])],
           ...(input.metadata === undefined ? {} : { metadata: input.metadata }),
+          ...(typeof input.policy === "string" ? { policy: input.policy } : {}),
           by
         })
         yield* append(Tenancy.keyStream(keyId), event, 0, requestId).pipe(
@@ -200,13 +227,14 @@ export class KeyAdmin extends Effect.Service<KeyAdmin>()("@gateway/core/KeyAdmin
     const changeKey = (id: string, change: KeyChange, by: string, requestId: Ids.RequestId) =>
       Effect.gen(function* () {
         const key = yield* keyOf(id)
-        if (change.limits === undefined && change.models === undefined) {
+        if (change.limits === undefined && change.models === undefined && change.policy === undefined) {
           return yield* new Errors.InvalidRequest({
-            message: "Nothing to change: give 'limits' or 'models'.",
+            message: "Nothing to change: give 'limits', 'models' or 'policy'.",
             param: null,
             code: "missing_required_parameter"
           })
         }
+        yield* checkPolicy(change.policy)
         const limits = change.limits === undefined ? undefined : yield* limitsOver(key.limits, change.limits)
         const event = new Tenancy.KeyLimitsChanged({
           keyId: key.keyId,
@@ -214,6 +242,7 @@ export class KeyAdmin extends Effect.Service<KeyAdmin>()("@gateway/core/KeyAdmin
           ...(change.models === undefined
             ? {}
             : { models: change.models === null ? null : [...change.models] }),
+          ...(change.policy === undefined ? {} : { policy: change.policy }),
           by
         })
         yield* append(Tenancy.keyStream(key.keyId), event, key.version, requestId).pipe(

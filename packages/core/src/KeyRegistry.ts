@@ -19,6 +19,8 @@ export interface TenantRecord {
   readonly name: string
   readonly limits: Tenancy.Limits
   readonly metadata: Tenancy.Metadata
+  /** The routing policy bound to the tenant, if any. */
+  readonly policy: string | null
   readonly createdAt: Date
   readonly version: number
 }
@@ -34,6 +36,8 @@ export interface KeyRecord {
   readonly limits: Tenancy.Limits
   readonly scopes: ReadonlyArray<Tenancy.Scope>
   readonly metadata: Tenancy.Metadata
+  /** The routing policy bound to the key, if any (over its tenant's). */
+  readonly policy: string | null
   readonly createdAt: Date
   readonly revoked: { readonly at: Date; readonly reason: string } | null
   readonly version: number
@@ -68,6 +72,7 @@ export class KeyRegistry extends Effect.Service<KeyRegistry>()("@gateway/core/Ke
             name: e.name,
             limits: e.limits,
             metadata: e.metadata ?? {},
+            policy: e.policy ?? null,
             createdAt: event.recordedAt,
             version
           })
@@ -76,7 +81,12 @@ export class KeyRegistry extends Effect.Service<KeyRegistry>()("@gateway/core/Ke
         case "TenantLimitsChanged": {
           const tenant = tenants.get(e.tenantId)
           if (tenant === undefined || tenant.version >= version) return
-          tenants.set(e.tenantId, { ...tenant, limits: e.limits, version })
+          tenants.set(e.tenantId, {
+            ...tenant,
+            limits: e.limits,
+            ...(e.policy === undefined ? {} : { policy: e.policy }),
+            version
+          })
           return
         }
         case "KeyCreated": {
@@ -91,6 +101,7 @@ export class KeyRegistry extends Effect.Service<KeyRegistry>()("@gateway/core/Ke
             limits: e.limits,
             scopes: e.scopes,
             metadata: e.metadata ?? {},
+            policy: e.policy ?? null,
             createdAt: event.recordedAt,
             revoked: null,
             version
@@ -104,6 +115,7 @@ export class KeyRegistry extends Effect.Service<KeyRegistry>()("@gateway/core/Ke
             ...key,
             ...(e.limits === undefined ? {} : { limits: e.limits }),
             ...(e.models === undefined ? {} : { models: e.models === null ? null : new Set(e.models) }),
+            ...(e.policy === undefined ? {} : { policy: e.policy }),
             version
           })
           return

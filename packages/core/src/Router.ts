@@ -7,6 +7,7 @@
  */
 import { Errors, type Ids, type OpenAi, type Routing } from "@gateway/domain"
 import { Cause, Duration, Effect, Either, Exit, Option } from "effect"
+import type { Principal } from "./Auth.js"
 import { BackendPool, type ModelPool } from "./BackendPool.js"
 import * as Classifier from "./Classifier.js"
 import * as SecondOpinion from "./SecondOpinion.js"
@@ -117,8 +118,15 @@ export class Router extends Effect.Service<Router>()("@gateway/core/Router", {
     }
 
     /** The route of `body`, or `ModelNotFound` when it names neither a model nor a policy. */
-    const routeNow = (body: OpenAi.ChatCompletionRequest): Either.Either<Route, Errors.ModelNotFound> => {
-      const policy = byName.get(body.model)
+    const routeNow = (
+      body: OpenAi.ChatCompletionRequest,
+      principal: Principal | undefined
+    ): Either.Either<Route, Errors.ModelNotFound> => {
+      const named = byName.get(body.model)
+      // A policy name means the caller's bound policy, when its key (or else its tenant) has one.
+      const bound =
+        named === undefined ? undefined : (principal?.key.policy ?? principal?.tenant?.policy ?? null)
+      const policy = bound === null || bound === undefined ? named : (byName.get(bound) ?? named)
       if (policy !== undefined) {
         const decision = decide(policy, body, true)
         // In shadow mode the policy's complex model answers: what the request would get unrouted.
@@ -143,9 +151,10 @@ export class Router extends Effect.Service<Router>()("@gateway/core/Router", {
      */
     const route = (
       body: OpenAi.ChatCompletionRequest,
-      requestId: Ids.RequestId
+      requestId: Ids.RequestId,
+      principal?: Principal | undefined
     ): Effect.Effect<Route, Errors.ModelNotFound> => {
-      const now = routeNow(body)
+      const now = routeNow(body, principal)
       if (second === undefined || Either.isLeft(now) || now.right.decision === undefined) return now
       const found = now.right
       const decision = found.decision!

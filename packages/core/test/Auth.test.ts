@@ -23,6 +23,7 @@ const keyRecord = (
   limits: { requestsPerMinute: 60 },
   scopes: options.scopes ?? [],
   metadata: {},
+  policy: null,
   createdAt: new Date(0),
   revoked: options.revoked === true ? { at: new Date(1), reason: "leaked" } : null,
   version: 1
@@ -33,6 +34,7 @@ const acme: TenantRecord = {
   name: "Acme",
   limits: { tokensPerMinute: 1000 },
   metadata: {},
+  policy: null,
   createdAt: new Date(0),
   version: 1
 }

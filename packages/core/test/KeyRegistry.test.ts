@@ -94,7 +94,7 @@ layer(Env, { excludeTestServices: true, timeout: 60_000 })("KeyRegistry and KeyA
       const revoked = yield* eventually("the revocation", () => other.key(early.key.keyId)?.revoked)
       expect(revoked.reason).toBe("leaked")
 
-      yield* admin.changeTenant(tenant, { requests_per_minute: 5 }, "admin", rid())
+      yield* admin.changeTenant(tenant, { limits: { requests_per_minute: 5 } }, "admin", rid())
       yield* eventually("the tenant's new limit", () => other.tenant(tenant)?.limits.requestsPerMinute)
     })
   )

@@ -21,6 +21,7 @@ const keyRecord = (keyId: string, limits: Tenancy.Limits, tenantId: string): Key
   limits,
   scopes: [],
   metadata: {},
+  policy: null,
   createdAt: new Date(0),
   revoked: null,
   version: 1
@@ -31,6 +32,7 @@ const tenantRecord = (tenantId: string, limits: Tenancy.Limits): TenantRecord =>
   name: tenantId,
   limits,
   metadata: {},
+  policy: null,
   createdAt: new Date(0),
   version: 1
 })

@@ -105,6 +105,8 @@ export class TenantCreated extends Schema.TaggedClass<TenantCreated>()("TenantCr
   tenantId: TenantId,
   name: Schema.String,
   limits: Limits,
+  /** The routing policy `"model": "auto"` means for the tenant's keys (unless a key has its own). */
+  policy: optional(Schema.String),
   metadata: optional(Metadata),
   by: Schema.String
 }) {}
@@ -112,6 +114,8 @@ export class TenantCreated extends Schema.TaggedClass<TenantCreated>()("TenantCr
 export class TenantLimitsChanged extends Schema.TaggedClass<TenantLimitsChanged>()("TenantLimitsChanged", {
   tenantId: TenantId,
   limits: Limits,
+  /** A new routing policy binding; `null` removes it, absent keeps it. */
+  policy: optional(Schema.NullOr(Schema.String)),
   by: Schema.String
 }) {}
 
@@ -128,6 +132,8 @@ export class KeyCreated extends Schema.TaggedClass<KeyCreated>()("KeyCreated", {
   limits: Limits,
   scopes: Schema.Array(Scope),
   metadata: optional(Metadata),
+  /** The routing policy any policy name means for this key (`"model": "auto"` → this one). */
+  policy: optional(Schema.String),
   by: Schema.String
 }) {}
 
@@ -136,6 +142,8 @@ export class KeyLimitsChanged extends Schema.TaggedClass<KeyLimitsChanged>()("Ke
   keyId: KeyId,
   limits: optional(Limits),
   models: optional(Schema.NullOr(Schema.Array(Schema.String))),
+  /** A new routing policy binding; `null` removes it, absent keeps it. */
+  policy: optional(Schema.NullOr(Schema.String)),
   by: Schema.String
 }) {}
 
