@@ -19,6 +19,10 @@ interface Row {
   backend?: string | undefined
   /** Backend calls made, retries and fallbacks included. */
   attempts?: number | undefined
+  /** The routing policy that classified the request, its tier, and whether the route followed it. */
+  policy?: string | undefined
+  tier?: string | undefined
+  routedByTier?: boolean | undefined
   stream?: boolean | undefined
   outcome?: string | undefined
   httpStatus?: number | undefined
@@ -53,8 +57,14 @@ const columns: ReadonlyArray<readonly [column: string, type: string, field: keyo
   ["finished_at", "timestamptz", "finishedAt"],
   ["last_position", "bigint", "lastPosition"],
   ["requested_model", "text", "requestedModel"],
-  ["attempts", "int", "attempts"]
+  ["attempts", "int", "attempts"],
+  ["policy", "text", "policy"],
+  ["tier", "text", "tier"],
+  ["routed_by_tier", "boolean", "routedByTier"]
 ]
+
+/** Columns whose first value stands whatever the batch boundaries (later facts win elsewhere). */
+const firstStands = new Set(["received_at", "policy", "tier", "routed_by_tier"])
 
 export const projection: Projection.Projection<Map<string, Row>> = {
   name: "request_log",
@@ -89,7 +99,10 @@ export const projection: Projection.Projection<Map<string, Row>> = {
             sql.unsafe(`
             ALTER TABLE ${tables("request_log")}
               ADD COLUMN IF NOT EXISTS requested_model text,
-              ADD COLUMN IF NOT EXISTS attempts int`)
+              ADD COLUMN IF NOT EXISTS attempts int,
+              ADD COLUMN IF NOT EXISTS policy text,
+              ADD COLUMN IF NOT EXISTS tier text,
+              ADD COLUMN IF NOT EXISTS routed_by_tier boolean`)
           )
         )
     ),
@@ -113,6 +126,14 @@ export const projection: Projection.Projection<Map<string, Row>> = {
       case "RequestRouted":
         row.model = d.model
         row.backend = d.backend
+        break
+      case "RequestClassified":
+        // The first decision stands: the policy the request named is recorded before observers.
+        if (row.policy === undefined) {
+          row.policy = d.policy
+          row.tier = d.tier
+          row.routedByTier = d.acted
+        }
         break
       case "AttemptStarted":
         row.backend = d.backend
@@ -182,7 +203,7 @@ export const projection: Projection.Projection<Map<string, Row>> = {
         // Whatever the batch boundaries: the first arrival time stands, later facts win.
         c === "last_position"
           ? `${c} = excluded.${c}`
-          : c === "received_at"
+          : firstStands.has(c)
             ? `${c} = coalesce(t.${c}, excluded.${c})`
             : `${c} = coalesce(excluded.${c}, t.${c})`
       )
