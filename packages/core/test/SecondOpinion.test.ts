@@ -38,7 +38,11 @@ const harness = (
   const upstream = Layer.succeed(
     Upstream,
     Upstream.of({
-      chat: (request) => Effect.suspend(() => (asked.push(request), chat(request))),
+      chat: (request) =>
+        Effect.suspend(() => {
+          asked.push(request)
+          return chat(request)
+        }),
       probe: () => Effect.succeed({ status: 200, body: "ok" })
     })
   )

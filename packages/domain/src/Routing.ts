@@ -16,7 +16,6 @@ const snakeWithDefault = <S extends Schema.Schema.AnyNoContext>(
 ) => Schema.optionalWith(schema, { default: value }).pipe(Schema.fromKey(key))
 
 const Weight = Schema.Number.pipe(Schema.nonNegative(), Schema.finite())
-const Positive = Schema.Number.pipe(Schema.positive(), Schema.finite())
 const Unit = Schema.Number.pipe(Schema.between(0, 1))
 
 export const Tier = Schema.Literal("simple", "moderate", "complex")
@@ -62,7 +61,11 @@ const featureKnobs = <D extends Record<string, number>>(defaults: D) =>
     Object.fromEntries(
       Object.entries(defaults).map(([key, value]) => [
         key,
-        snakeWithDefault(key.replace(/[A-Z]/g, (c) => `_${c.toLowerCase()}`), Weight, () => value)
+        snakeWithDefault(
+          key.replace(/[A-Z]/g, (c) => `_${c.toLowerCase()}`),
+          Weight,
+          () => value
+        )
       ])
     ) as { [K in keyof D]: Schema.PropertySignature<":", number, never, "?:", number | undefined, true> }
   )
@@ -127,7 +130,9 @@ export class ClassifierConfig extends Schema.Class<ClassifierConfig>("Classifier
       moderate: snakeWithDefault("moderate", Unit, () => 0.15),
       complex: snakeWithDefault("complex", Unit, () => 0.35)
     }).pipe(
-      Schema.filter((t) => t.moderate <= t.complex || "thresholds.moderate must not exceed thresholds.complex")
+      Schema.filter(
+        (t) => t.moderate <= t.complex || "thresholds.moderate must not exceed thresholds.complex"
+      )
     ),
     { default: () => ({ moderate: 0.15, complex: 0.35 }) }
   ),
