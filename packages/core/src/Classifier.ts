@@ -37,7 +37,8 @@ const textOf = (content: Content): string => {
 const fence = /```/g
 const codeLine =
   /^\s*(?:def |class |function\b|import |from \S+ import|return\b|const |let |var |#include|public |private |fn |func |package |SELECT\b|INSERT\b|CREATE TABLE)|[;{]\s*$|=>|\w+\([^)\n]*\)\s*[{:]/gm
-const mathPattern = /\$[^$\n]+\$|\\(?:frac|sum|int|sqrt|begin|cdot|times|le|ge)\b|\d\s*[-+*/^=<>]\s*\(?\d|[∑∫√≤≥≠±∞]/g
+const mathPattern =
+  /\$[^$\n]+\$|\\(?:frac|sum|int|sqrt|begin|cdot|times|le|ge)\b|\d\s*[-+*/^=<>]\s*\(?\d|[∑∫√≤≥≠±∞]/g
 const reasoningPattern =
   /\b(?:explain|why|step[- ]by[- ]step|prove|proof|derive|compare|contrast|design|architect(?:ure)?|analy[sz]e|analysis|trade-?offs?|evaluate|optimi[sz]e|justify|implications?|pros and cons|critique|reason(?:ing)?|in depth|think through)\b/gi
 const constraintPattern =
@@ -79,7 +80,11 @@ export const features = (request: OpenAi.ChatCompletionRequest, scales: Routing.
   const cap = (scale: number) => Math.max(1, Math.ceil(scale * 2))
   const fences = count(fence, scanned, cap(scales.code) * 2)
   let questions = 0
-  for (let i = scanned.indexOf("?"); i !== -1 && questions < cap(scales.questions); i = scanned.indexOf("?", i + 1)) {
+  for (
+    let i = scanned.indexOf("?");
+    i !== -1 && questions < cap(scales.questions);
+    i = scanned.indexOf("?", i + 1)
+  ) {
     questions++
   }
   const responseFormat = request.response_format
@@ -95,7 +100,8 @@ export const features = (request: OpenAi.ChatCompletionRequest, scales: Routing.
     constraints: count(constraintPattern, scanned, cap(scales.constraints)),
     outputTokens: request.max_completion_tokens ?? request.max_tokens ?? 0,
     tools: request.tools?.length ?? 0,
-    jsonSchema: responseFormat !== null && responseFormat !== undefined && responseFormat.type === "json_schema"
+    jsonSchema:
+      responseFormat !== null && responseFormat !== undefined && responseFormat.type === "json_schema"
   }
 }
 

@@ -169,7 +169,8 @@ export class KeyAdmin extends Effect.Service<KeyAdmin>()("@gateway/core/KeyAdmin
         yield* checkPolicy(change.policy)
         const event = new Tenancy.TenantLimitsChanged({
           tenantId: tenant.tenantId,
-          limits: change.limits === undefined ? tenant.limits : yield* limitsOver(tenant.limits, change.limits),
+          limits:
+            change.limits === undefined ? tenant.limits : yield* limitsOver(tenant.limits, change.limits),
           ...(change.policy === undefined ? {} : { policy: change.policy }),
           by
         })
