@@ -9,7 +9,13 @@ import { Chunk, Context, Effect, FiberRef, HashSet, Layer, Logger, Schedule, Sch
 
 const config = Schema.decodeUnknownSync(GatewayConfig.GatewayConfig)({
   models: [{ name: "small", backends: [{ id: "s1", url: "http://127.0.0.1:8101" }] }],
-  limits: { key_defaults: { requests_per_minute: 60 } }
+  limits: { key_defaults: { requests_per_minute: 60 } },
+  routing: {
+    policies: [
+      { name: "auto", tiers: { simple: "small", moderate: "small", complex: "small" } },
+      { name: "auto-cheap", tiers: { simple: "small", moderate: "small", complex: "small" } }
+    ]
+  }
 })
 
 const Store = Layer.provideMerge(Database.eventStore, Database.layerTest)
@@ -44,6 +50,49 @@ const collect = <A, E>(stream: Stream.Stream<A, E>) =>
   Effect.map(Stream.runCollect(stream), Chunk.toReadonlyArray)
 
 layer(Env, { excludeTestServices: true, timeout: 60_000 })("KeyRegistry and KeyAdmin", (it) => {
+  it.scoped(
+    "keys and tenants are bound to routing policies, changed and unbound; an unknown policy is refused",
+    () =>
+      Effect.gen(function* () {
+        const admin = yield* KeyAdmin
+        const tenantId = unique("routed")
+        const tenant = yield* admin.createTenant({ id: tenantId, policy: "auto-cheap" }, "admin", rid())
+        expect(tenant.policy).toBe("auto-cheap")
+        const { key } = yield* admin.createKey(
+          { tenant: tenantId, name: "app", policy: "auto" },
+          "admin",
+          rid()
+        )
+        expect(key.policy).toBe("auto")
+        // A limits change leaves the binding; `null` removes it.
+        expect((yield* admin.changeKey(key.keyId, { models: ["auto"] }, "admin", rid())).policy).toBe("auto")
+        expect((yield* admin.changeKey(key.keyId, { policy: null }, "admin", rid())).policy).toBeNull()
+        expect((yield* admin.changeTenant(tenantId, { policy: "auto" }, "admin", rid())).policy).toBe("auto")
+        expect(
+          (yield* admin.changeTenant(tenantId, { limits: { requests_per_minute: 5 } }, "admin", rid())).policy
+        ).toBe("auto")
+
+        const refused = yield* Effect.flip(
+          admin.changeKey(key.keyId, { policy: "auto-typo" }, "admin", rid())
+        )
+        expect(refused).toMatchObject({ _tag: "InvalidRequest", param: "policy" })
+        expect(refused.message).toContain("auto-typo")
+        const noTenant = yield* Effect.flip(
+          admin.createTenant({ id: unique("t"), policy: "nope" }, "admin", rid())
+        )
+        expect(noTenant).toMatchObject({ _tag: "InvalidRequest", param: "policy" })
+        // Another replica reads the bindings from the log.
+        const other = yield* replica
+        const mine = yield* KeyRegistry
+        const version = mine.key(key.keyId)!.version
+        const seen = yield* eventually("the key's binding elsewhere", () =>
+          other.key(key.keyId)?.version === version ? other.key(key.keyId) : undefined
+        )
+        expect(seen.policy).toBeNull()
+        expect(other.tenant(tenantId)?.policy).toBe("auto")
+      })
+  )
+
   it.effect("createKey returns a gw- secret of 46 base62 characters, found by its hash at once", () =>
     Effect.gen(function* () {
       const admin = yield* KeyAdmin
