@@ -1,6 +1,7 @@
 /**
- * The operator's command tree: `replay`, `events show|tail`, `projections status`, and, through a
- * running gateway's admin API, `keys`, `tenants`, `usage` and `backends`. Commands that touch the
+ * The operator's command tree: `replay`, `events show|tail`, `projections status`, `report
+ * savings`, and, through a running gateway's admin API, `keys`, `tenants`, `usage` and `backends`;
+ * `classify explain|eval` reads only a config file. Commands that touch the
  * database get it from the layer given to `make`, built only when such a command runs (so `--help`
  * needs no database); the admin commands need no database, only `--url` and `--admin-key`.
  */
@@ -8,15 +9,19 @@ import { Args, Command, HelpDoc, Options, ValidationError } from "@effect/cli"
 import type { SqlClient } from "@effect/sql"
 // The projections alone, not the whole core barrel (tokenizer, Redis client …): a faster start.
 import * as Projections from "@gateway/core/projections/index"
-import type { EventStore } from "@gateway/event-store"
-import { Console, Effect, Either, type Layer, Option } from "effect"
+import { Database, type EventStore } from "@gateway/event-store"
+import { Console, Effect, Either, type Layer, Option, type Redacted } from "effect"
+import * as AdminOptions from "./AdminOptions.js"
 import * as BackendsCommand from "./BackendsCommand.js"
+import * as ClassifyCommand from "./ClassifyCommand.js"
 import * as KeysCommand from "./KeysCommand.js"
 import * as LogCursor from "./LogCursor.js"
 import * as LogTail from "./LogTail.js"
 import * as ProjectionStatus from "./ProjectionStatus.js"
 import * as Replay from "./Replay.js"
 import * as RequestLifecycle from "./RequestLifecycle.js"
+import * as RoutingOptions from "./RoutingOptions.js"
+import * as Savings from "./Savings.js"
 import * as TenantsCommand from "./TenantsCommand.js"
 import * as UsageCommand from "./UsageCommand.js"
 
@@ -96,6 +101,60 @@ const status = Command.make("status", {}, () =>
   )
 ).pipe(Command.withDescription("Each projection's checkpoint, events applied, lag and last error."))
 
+/** An ISO 8601 date (midnight UTC) or time, as a `Date`. */
+const time = (name: string, description: string) =>
+  Options.text(name).pipe(
+    Options.mapEffect((text) => {
+      const time = new Date(text)
+      return !/^\d{4}-\d{2}-\d{2}/.test(text) || Number.isNaN(time.getTime())
+        ? Effect.fail(
+            ValidationError.invalidValue(
+              HelpDoc.p(`--${name} takes an ISO 8601 date or time, got '${text}'.`)
+            )
+          )
+        : Effect.succeed(time)
+    }),
+    Options.optional,
+    Options.withDescription(description)
+  )
+
+const savings = Command.make(
+  "savings",
+  {
+    from: time(
+      "from",
+      "Requests completed at or after this ISO 8601 date or time; from the start by default."
+    ),
+    to: time("to", "Requests completed before this ISO 8601 date or time; up to now by default."),
+    databaseUrl: Options.redacted("database-url").pipe(
+      Options.optional,
+      Options.withDescription("The PostgreSQL database of the event log; DATABASE_URL by default.")
+    ),
+    config: RoutingOptions.config,
+    json: RoutingOptions.json
+  },
+  (options) =>
+    Effect.gen(function* () {
+      const { config } = yield* RoutingOptions.load(options.config)
+      const report = yield* Savings.report({
+        from: options.from,
+        to: options.to,
+        complexModels: new Map(
+          config.routing.policies.map((p) => [p.name as string, p.tiers.complex as string])
+        )
+      })
+      yield* options.json ? AdminOptions.printJson(report) : printLines(Savings.render(report))
+    })
+).pipe(
+  Command.withDescription(
+    "What routing saved: the cost of the requests a policy routed against the same tokens on its " +
+      "complex model (priced with the price table each request was priced with), by tenant and tier."
+  )
+)
+
+/** The database at `--database-url`, for a command that reads and ends. */
+const at = (url: Redacted.Redacted) => Database.layerPostgres(url, { maxConnections: 2 })
+
 /** What the database commands need; the composition root decides where it comes from. */
 export type DatabaseServices = SqlClient.SqlClient | EventStore.EventStore
 
@@ -123,10 +182,23 @@ export const make = <E1, E2>(databases: Databases<E1, E2>) => {
         Command.withDescription("Inspect the projections."),
         Command.withSubcommands([withStore(status)])
       ),
+      Command.make("report").pipe(
+        Command.withDescription("Reports from the event log."),
+        Command.withSubcommands([
+          Command.provide(
+            savings,
+            ({
+              databaseUrl
+            }): Layer.Layer<SqlClient.SqlClient, E1 | Layer.Layer.Error<ReturnType<typeof at>>> =>
+              Option.match(databaseUrl, { onNone: () => databases.store, onSome: at })
+          )
+        ])
+      ),
       KeysCommand.command,
       TenantsCommand.command,
       UsageCommand.command,
-      BackendsCommand.command
+      BackendsCommand.command,
+      ClassifyCommand.command
     ])
   )
 }

@@ -4,7 +4,8 @@
  *
  *   pnpm cli replay usage_hourly [--verify] [--from 12000|2026-11-21T18:00Z] [--batch-size 1000]
  *   pnpm cli events show <request-id>      pnpm cli events tail [--from …]
- *   pnpm cli projections status
+ *   pnpm cli projections status         pnpm cli report savings [--from …] [--to …]
+ *   pnpm cli classify explain "<prompt>"  pnpm cli classify eval <file.jsonl>
  *
  * Against the embedded PGlite, stop the gateway first: one data directory, one process.
  */
