@@ -33,21 +33,55 @@ const textOf = (content: Content): string => {
   return text
 }
 
-// Each pattern is global: matches are counted (up to a cap) with `exec`.
+// Each pattern is global: matches are counted (up to a cap) with `exec`. Every pattern runs in
+// time linear in the text: no unbounded repetition is followed by something that can fail after
+// it (`[ \t]*` rather than `\s*` at a line start, which would run across every blank line after).
 const fence = /```/g
-const codeLine =
-  /^\s*(?:def |class |function\b|import |from \S+ import|return\b|const |let |var |#include|public |private |fn |func |package |SELECT\b|INSERT\b|CREATE TABLE)|[;{]\s*$|=>|\w+\([^)\n]*\)\s*[{:]/gm
+/** A line that starts like code (a keyword); at most one match per line by construction. */
+const codeStart =
+  /^[ \t]*(?:def |class |function\b|import |from \S+ import|return\b|const |let |var |#include|public |private |fn |func |package |SELECT\b|INSERT\b|CREATE TABLE)/gm
+/** A line that ends or goes on like code: `;` or `{` at its end, `=>`, `) {`, or `):` at its end. */
+const codeRest = /[;{][ \t]*$|=>|\)[ \t]*\{|\)[ \t]*:[ \t]*$/gm
+/** Inline LaTeX (`$x^2$`, not `$5 or $10`), LaTeX commands, an operator between numbers, math symbols. */
 const mathPattern =
-  /\$[^$\n]+\$|\\(?:frac|sum|int|sqrt|begin|cdot|times|le|ge)\b|\d\s*[-+*/^=<>]\s*\(?\d|[∑∫√≤≥≠±∞]/g
-const reasoningPattern =
-  /\b(?:explain|why|step[- ]by[- ]step|prove|proof|derive|compare|contrast|design|architect(?:ure)?|analy[sz]e|analysis|trade-?offs?|evaluate|optimi[sz]e|justify|implications?|pros and cons|critique|reason(?:ing)?|in depth|think through)\b/gi
-const constraintPattern =
-  /\b(?:must|should|at least|at most|no more than|without|exactly|only|ensure|make sure|do not|don't|avoid|required?)\b|^\s*(?:\d+[.)]|[-*•])\s+/gim
+  /\$[^\s$](?:[^$\n]{0,200}[^\s$])?\$|\\(?:frac|sum|int|sqrt|begin|cdot|times|le|ge)\b|\d[ \t]*[+*/^=<>][ \t]*\(?\d|\d[ \t]+-[ \t]+\d|[∑∫√≤≥≠±∞]/g
+/** Reasoning cues (group 1) and constraint words (the rest), in one pass over the text. */
+const cueWords =
+  /\b(?:(explain|why|step[- ]by[- ]step|prove|proof|derive|compare|contrast|design|architect(?:ure)?|analy[sz]e|analysis|trade-?offs?|evaluate|optimi[sz]e|justify|implications?|pros and cons|critique|reason(?:ing)?|in depth|think through)|must|should|at least|at most|no more than|without|exactly|only|ensure|make sure|do not|don't|avoid|required?)\b/gi
+/** List items, each a constraint. */
+const listItem = /^[ \t]*(?:\d{1,3}[.)]|[-*•])[ \t]+/gm
 
-const count = (pattern: RegExp, text: string, cap: number): number => {
+/** Reasoning cues and constraint words in `text`, each up to its cap. */
+const cues = (text: string, reasoningCap: number, constraintCap: number) => {
+  cueWords.lastIndex = 0
+  let reasoning = 0
+  let constraints = 0
+  let match: RegExpExecArray | null
+  while (
+    (reasoning < reasoningCap || constraints < constraintCap) &&
+    (match = cueWords.exec(text)) !== null
+  ) {
+    if (match[1] !== undefined) {
+      if (reasoning < reasoningCap) reasoning++
+    } else if (constraints < constraintCap) constraints++
+  }
+  return { reasoning, constraints }
+}
+
+/** Matches of `pattern` in `text`, up to `cap`; with `perLine`, at most one per line. */
+const count = (pattern: RegExp, text: string, cap: number, perLine = false): number => {
   pattern.lastIndex = 0
   let n = 0
-  while (n < cap && pattern.exec(text) !== null) n++
+  let match: RegExpExecArray | null
+  while (n < cap && (match = pattern.exec(text)) !== null) {
+    n++
+    if (match[0].length === 0) pattern.lastIndex++
+    if (perLine) {
+      const end = text.indexOf("\n", match.index + match[0].length)
+      if (end === -1) break
+      pattern.lastIndex = end + 1
+    }
+  }
   return n
 }
 
@@ -88,16 +122,22 @@ export const features = (request: OpenAi.ChatCompletionRequest, scales: Routing.
     questions++
   }
   const responseFormat = request.response_format
+  const codeCap = cap(scales.code)
+  const constraintCap = cap(scales.constraints)
+  const words = cues(scanned, cap(scales.reasoning), constraintCap)
   return {
-    lastTurnTokens: tokensOf(lastText.length),
+    lastTurnTokens: tokensOf(last === undefined ? 0 : lengthOf(last)),
     contextTokens: tokensOf(contextChars),
     turns,
     systemTokens: tokensOf(systemChars),
-    code: Math.ceil(fences / 2) + count(codeLine, scanned, cap(scales.code)),
+    // Lines that look like code, by their start or by their end (a line may show both).
+    code:
+      Math.ceil(fences / 2) +
+      Math.max(count(codeStart, scanned, codeCap), count(codeRest, scanned, codeCap, true)),
     math: count(mathPattern, scanned, cap(scales.math)),
-    reasoning: count(reasoningPattern, scanned, cap(scales.reasoning)),
+    reasoning: words.reasoning,
     questions,
-    constraints: count(constraintPattern, scanned, cap(scales.constraints)),
+    constraints: Math.min(constraintCap, words.constraints + count(listItem, scanned, constraintCap)),
     outputTokens: request.max_completion_tokens ?? request.max_tokens ?? 0,
     tools: request.tools?.length ?? 0,
     jsonSchema:
