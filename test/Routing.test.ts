@@ -62,7 +62,7 @@ const designQuestion: Array<ChatCompletionMessageParam> = [
 ]
 
 /** The default thresholds between tiers (the config leaves the classifier at its defaults). */
-const thresholds = { moderate: 0.15, complex: 0.35 }
+const thresholds = { moderate: 0.05, complex: 0.23 }
 
 const tiers = { simple: "small", moderate: "small", complex: "large" }
 

@@ -451,8 +451,8 @@ describe("Classifier.tierOf", () => {
     expect([0.4999, 0.5].map((s) => Classifier.tierOf(s, flat))).toEqual(["simple", "complex"])
   })
 
-  it("uses 0.15 and 0.35 by default", () => {
-    expect([0.1499, 0.15, 0.3499, 0.35].map((s) => Classifier.tierOf(s, defaults))).toEqual([
+  it("uses 0.05 and 0.23 by default", () => {
+    expect([0.0499, 0.05, 0.2299, 0.23].map((s) => Classifier.tierOf(s, defaults))).toEqual([
       "simple",
       "moderate",
       "moderate",

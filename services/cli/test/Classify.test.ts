@@ -80,8 +80,7 @@ const embedded = Effect.runSync(
 )
 
 /** What `eval` must print for the fixture under the embedded `auto` policy. */
-const expectedFor = (outputTokens: number) => {
-  const classifier = embedded.routing.classifier
+const expectedFor = (outputTokens: number, classifier = embedded.routing.classifier) => {
   const policy = embedded.routing.policies.find((p) => p.name === "auto")!
   const price = (model: string) => embedded.models.find((m) => m.name === model)!.pricing!
   const lines = fixtureLines()
@@ -159,7 +158,29 @@ describe("classify", () => {
       const saved = expected.baseline - expected.policyCost
       expect(squeezed).toContain(`saved ${usd(saved)} (${((100 * saved) / expected.baseline).toFixed(1)}%)`)
 
-      // Misroutes: complex sent to small first, the lowest score first; each with its line and prompt.
+      // The default thresholds send every labelled request of the fixture to its label's model.
+      expect(expected.misroutes).toEqual([])
+      expect(stdout).toContain("misroutes: none (every labelled request went to its label's model)")
+    })
+  )
+
+  it.effect("eval lists the worst misroutes first: complex sent to small, the lowest score first", () =>
+    Effect.gen(function* () {
+      // The embedded config with stricter thresholds, under which complex requests are missed.
+      const dir = mkdtempSync(join(tmpdir(), "classify-misroutes-"))
+      const config = join(dir, "gateway.yaml")
+      writeFileSync(
+        config,
+        readFileSync(RoutingOptions.embeddedConfig, "utf8").replace(
+          /^routing:\n/m,
+          "routing:\n  classifier:\n    thresholds: { moderate: 0.15, complex: 0.35 }\n"
+        )
+      )
+      const strict = Routing.ClassifierConfig.make({ thresholds: { moderate: 0.15, complex: 0.35 } })
+      const expected = expectedFor(256, strict)
+      const { exit, stdout, failure } = yield* runCli("classify", "eval", fixture, "--config", config)
+      expect(Exit.isSuccess(exit), failure).toBe(true)
+      const lines = squeeze(stdout)
       expect(expected.misroutes.length).toBeGreaterThan(0)
       expect(stdout).toContain(
         `misroutes: ${expected.misroutes.length} of 19 labelled requests went to another model than their label's`
