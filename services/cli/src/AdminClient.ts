@@ -26,6 +26,12 @@ export type Limits = typeof Limits.Type
 
 const Metadata = Schema.Record({ key: Schema.String, value: Schema.String })
 
+/**
+ * The routing policy bound to a key or tenant (`null`: none). Optional so that gateways from
+ * before policy bindings, which do not send it, are still understood (absent: none).
+ */
+const Policy = Schema.optional(Schema.NullOr(Schema.String))
+
 export const ApiKey = Schema.Struct({
   id: Schema.String,
   object: Schema.Literal("api_key"),
@@ -38,6 +44,7 @@ export const ApiKey = Schema.Struct({
   limits: Limits,
   scopes: Schema.Array(Schema.String),
   metadata: Schema.optional(Metadata),
+  policy: Policy,
   created_at: Schema.String,
   revoked_at: Schema.NullOr(Schema.String),
   revoked_reason: Schema.NullOr(Schema.String)
@@ -54,6 +61,7 @@ export const Tenant = Schema.Struct({
   name: Schema.String,
   limits: Limits,
   metadata: Schema.optional(Metadata),
+  policy: Policy,
   created_at: Schema.String
 })
 export type Tenant = typeof Tenant.Type
@@ -160,12 +168,17 @@ export interface NewKey {
   readonly limits?: Tenancy.LimitsInput
   readonly scopes?: ReadonlyArray<Tenancy.Scope>
   readonly metadata?: Tenancy.Metadata
+  /** A routing policy's name (`routing.policies[].name`) the key is bound to. */
+  readonly policy?: string
 }
 
-/** A change of a key; `null` clears (a limit, or the model list: every model). */
+/**
+ * A change of a key; `null` clears (a limit; the model list: every model; the policy: unbound).
+ */
 export interface KeyChange {
   readonly limits?: Tenancy.LimitsInput
   readonly models?: ReadonlyArray<string> | null
+  readonly policy?: string | null
 }
 
 export interface NewTenant {
@@ -173,6 +186,14 @@ export interface NewTenant {
   readonly name?: string
   readonly limits?: Tenancy.LimitsInput
   readonly metadata?: Tenancy.Metadata
+  /** A routing policy's name the tenant (every key of it without one of its own) is bound to. */
+  readonly policy?: string
+}
+
+/** A change of a tenant; `null` clears (a limit; the policy: unbound). */
+export interface TenantChange {
+  readonly limits?: Tenancy.LimitsInput
+  readonly policy?: string | null
 }
 
 export interface UsageQuery {
@@ -229,7 +250,7 @@ export class AdminClient extends Context.Tag("@gateway/cli/AdminClient")<
     readonly revokeKey: (id: string, reason?: string) => Effect.Effect<ApiKey, AdminError>
     readonly listTenants: Effect.Effect<ReadonlyArray<Tenant>, AdminError>
     readonly createTenant: (tenant: NewTenant) => Effect.Effect<Tenant, AdminError>
-    readonly changeTenant: (id: string, limits: Tenancy.LimitsInput) => Effect.Effect<Tenant, AdminError>
+    readonly changeTenant: (id: string, change: TenantChange) => Effect.Effect<Tenant, AdminError>
     readonly usage: (query: UsageQuery) => Effect.Effect<UsageReport, AdminError>
     readonly backends: () => Effect.Effect<BackendsReport, AdminError>
   }
@@ -386,8 +407,8 @@ export const make = (
       createTenant: Effect.fn("AdminClient.createTenant")((tenant: NewTenant) =>
         send(withBody(HttpClientRequest.post(path("tenants")), tenant), Tenant)
       ),
-      changeTenant: Effect.fn("AdminClient.changeTenant")((id: string, limits: Tenancy.LimitsInput) =>
-        send(withBody(HttpClientRequest.patch(path("tenants", id)), { limits }), Tenant)
+      changeTenant: Effect.fn("AdminClient.changeTenant")((id: string, change: TenantChange) =>
+        send(withBody(HttpClientRequest.patch(path("tenants", id)), change), Tenant)
       ),
       usage: Effect.fn("AdminClient.usage")((query: UsageQuery) =>
         send(

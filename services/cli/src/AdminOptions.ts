@@ -1,6 +1,6 @@
 /**
  * What the admin commands (`keys`, `tenants`, `usage`) share: where the gateway is and its admin
- * key, the limit options, and how keys, tenants and limits are printed. The URL and key fall back
+ * key, the limit and policy options, and how keys, tenants and limits are printed. The URL and key fall back
  * to `GATEWAY_URL` and `ADMIN_KEY` through `Config`, i.e. the composition root's provider.
  */
 import { Command, HelpDoc, Options, ValidationError } from "@effect/cli"
@@ -152,6 +152,23 @@ export const models = <All extends boolean>(all: All, description: string) =>
     Options.withDescription(description)
   ) as Options.Options<Option.Option<All extends true ? ReadonlyArray<string> | null : ReadonlyArray<string>>>
 
+/**
+ * `--policy NAME`: a routing policy (`routing.policies[].name` in the gateway's config) to bind
+ * to; with `clearable`, `none` unbinds (`null`). The gateway refuses a name it does not know.
+ */
+export const policy = <Clearable extends boolean>(clearable: Clearable, description: string) =>
+  Options.text("policy").pipe(
+    Options.mapEffect((text) => {
+      const name = text.trim()
+      if (clearable && name === "none") return Effect.succeed(null)
+      return name.length > 0
+        ? Effect.succeed(name)
+        : invalid(`--policy takes a routing policy's name${clearable ? ", or 'none'" : ""}.`)
+    }),
+    Options.optional,
+    Options.withDescription(clearable ? `${description} 'none' unbinds it.` : description)
+  ) as Options.Options<Option.Option<Clearable extends true ? string | null : string>>
+
 // ---------------------------------------------------------------------------------------------
 // Printing
 // ---------------------------------------------------------------------------------------------
@@ -183,6 +200,9 @@ export const time = (iso: string) => iso.replace(/\.\d+Z$/, "Z")
 export const modelsText = (models: ReadonlyArray<string> | null) =>
   models === null ? "all" : models.join(",")
 
+/** A bound routing policy, `-` when none (or when the gateway does not say: it predates them). */
+export const policyText = (policy: string | null | undefined) => policy ?? "-"
+
 export const metadataText = (metadata: Readonly<Record<string, string>> | undefined) => {
   const entries = Object.entries(metadata ?? {})
   return entries.length === 0 ? "-" : entries.map(([k, v]) => `${k}=${v}`).join(", ")
@@ -203,6 +223,7 @@ export const keyFields = (key: AdminClient.ApiKey): ReadonlyArray<string> =>
     ["prefix", `${key.prefix}…`],
     ["models", modelsText(key.models)],
     ["limits", limitsText(key.limits)],
+    ["policy", policyText(key.policy)],
     ["scopes", key.scopes.length === 0 ? "-" : key.scopes.join(", ")],
     ["metadata", metadataText(key.metadata)],
     ["created", time(key.created_at)],
@@ -221,6 +242,7 @@ export const tenantFields = (tenant: AdminClient.Tenant): ReadonlyArray<string> 
     ["id", tenant.id],
     ["name", tenant.name],
     ["limits", limitsText(tenant.limits)],
+    ["policy", policyText(tenant.policy)],
     ["metadata", metadataText(tenant.metadata)],
     ["created", time(tenant.created_at)]
   ])

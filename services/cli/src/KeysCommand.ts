@@ -45,6 +45,10 @@ const create = Command.make(
       Options.withDescription("Also allow: admin (the admin API), internal (service RPC). Repeatable.")
     ),
     metadata: AdminOptions.metadata,
+    policy: AdminOptions.policy(
+      false,
+      "Bind the key to this routing policy (a routing.policies name in the gateway's config): any policy name it sends as model means this one."
+    ),
     json
   },
   (options) =>
@@ -56,7 +60,8 @@ const create = Command.make(
         ...Option.match(options.models, { onNone: () => ({}), onSome: (models) => ({ models }) }),
         ...(options.limits === undefined ? {} : { limits: options.limits }),
         ...(options.scopes.length === 0 ? {} : { scopes: Array.from(new Set(options.scopes)) }),
-        ...(options.metadata === undefined ? {} : { metadata: options.metadata })
+        ...(options.metadata === undefined ? {} : { metadata: options.metadata }),
+        ...Option.match(options.policy, { onNone: () => ({}), onSome: (policy) => ({ policy }) })
       })
       yield* options.json ? printJson(key) : printLines(createdLines(key))
     })
@@ -72,6 +77,7 @@ const listHeaders = [
   "name",
   "prefix",
   "models",
+  "policy",
   "rpm",
   "tpm",
   "concurrency",
@@ -113,6 +119,7 @@ const list = Command.make(
             key.name,
             `${key.prefix}…`,
             AdminOptions.modelsText(key.models),
+            AdminOptions.policyText(key.policy),
             ...AdminOptions.limitCells(key.limits),
             AdminOptions.time(key.created_at),
             key.revoked_at === null ? "-" : AdminOptions.time(key.revoked_at)
@@ -150,26 +157,31 @@ const revoke = Command.make(
     })
 ).pipe(Command.withDescription("Revoke an API key; requests with it get 401 from then on."))
 
-/** The change `keys limits` asks for: limits, models or both, never nothing. */
+/** The change `keys limits` asks for: limits, models, policy or any of them, never nothing. */
 const change = Options.all({
   limits: AdminOptions.limits(true),
   models: AdminOptions.models(
     true,
     "The only models the key may call, separated by commas; 'all' for every model."
+  ),
+  policy: AdminOptions.policy(
+    true,
+    "Bind the key to this routing policy (a routing.policies name in the gateway's config)."
   )
 }).pipe(
-  Options.mapEffect(({ limits, models }) =>
-    limits === undefined && Option.isNone(models)
+  Options.mapEffect(({ limits, models, policy }) =>
+    limits === undefined && Option.isNone(models) && Option.isNone(policy)
       ? Effect.fail(
           ValidationError.missingValue(
             HelpDoc.p(
-              "Nothing to change: give --rpm, --tpm, --concurrency, --budget-usd, --budget-period or --models."
+              "Nothing to change: give --rpm, --tpm, --concurrency, --budget-usd, --budget-period, --models or --policy."
             )
           )
         )
       : Effect.succeed({
           ...(limits === undefined ? {} : { limits }),
-          ...Option.match(models, { onNone: () => ({}), onSome: (models) => ({ models }) })
+          ...Option.match(models, { onNone: () => ({}), onSome: (models) => ({ models }) }),
+          ...Option.match(policy, { onNone: () => ({}), onSome: (policy) => ({ policy }) })
         })
   )
 )
@@ -181,13 +193,13 @@ const limits = Command.make("limits", { connection, id: keyId, change, json }, (
   })
 ).pipe(
   Command.withDescription(
-    "Change a key's limits or allowed models; what is not given stays as it is. Takes effect at once."
+    "Change a key's limits, allowed models or routing policy; what is not given stays as it is. Takes effect at once."
   )
 )
 
 export const command = Command.make("keys").pipe(
   Command.withDescription(
-    "Create, list, revoke API keys and change their limits (through the gateway's admin API)."
+    "Create, list, revoke API keys and change their limits, models and policy (through the gateway's admin API)."
   ),
   Command.withSubcommands([
     AdminOptions.withClient(create),

@@ -1,9 +1,10 @@
 /**
- * `tenants list|create|limits`: tenants and their limits (which every key of the tenant shares)
- * through the gateway's admin API.
+ * `tenants list|create|limits`: tenants, their limits (which every key of the tenant shares) and
+ * their routing policy (which every key of the tenant without one of its own follows) through the
+ * gateway's admin API.
  */
 import { Args, Command, HelpDoc, Options, ValidationError } from "@effect/cli"
-import { Effect } from "effect"
+import { Effect, Option } from "effect"
 import { AdminClient } from "./AdminClient.js"
 import * as AdminOptions from "./AdminOptions.js"
 import * as TextTable from "./TextTable.js"
@@ -21,17 +22,18 @@ const list = Command.make("list", { connection, json }, (options) =>
     if (tenants.length === 0) return yield* printLines(["No tenants."])
     yield* printLines(
       TextTable.render(
-        ["id", "name", "rpm", "tpm", "concurrency", "budget", "created"],
+        ["id", "name", "policy", "rpm", "tpm", "concurrency", "budget", "created"],
         tenants.map((tenant) => [
           tenant.id,
           tenant.name,
+          AdminOptions.policyText(tenant.policy),
           ...AdminOptions.limitCells(tenant.limits),
           AdminOptions.time(tenant.created_at)
         ])
       )
     )
   })
-).pipe(Command.withDescription("List the tenants and their limits."))
+).pipe(Command.withDescription("List the tenants, their routing policy and their limits."))
 
 const create = Command.make(
   "create",
@@ -44,50 +46,70 @@ const create = Command.make(
     ),
     limits: AdminOptions.limits(false),
     metadata: AdminOptions.metadata,
+    policy: AdminOptions.policy(
+      false,
+      "Bind the tenant to this routing policy (a routing.policies name in the gateway's config): its keys without a policy of their own follow it."
+    ),
     json
   },
   (options) =>
     Effect.gen(function* () {
       const tenant = yield* (yield* AdminClient).createTenant({
         id: options.id,
-        ...(options.name._tag === "Some" ? { name: options.name.value } : {}),
+        ...Option.match(options.name, { onNone: () => ({}), onSome: (name) => ({ name }) }),
         ...(options.limits === undefined ? {} : { limits: options.limits }),
-        ...(options.metadata === undefined ? {} : { metadata: options.metadata })
+        ...(options.metadata === undefined ? {} : { metadata: options.metadata }),
+        ...Option.match(options.policy, { onNone: () => ({}), onSome: (policy) => ({ policy }) })
       })
       yield* options.json ? printJson(tenant) : printLines(AdminOptions.tenantFields(tenant))
     })
-).pipe(Command.withDescription("Create a tenant, with limits shared by all of its keys."))
+).pipe(
+  Command.withDescription(
+    "Create a tenant, with limits shared by all of its keys and, optionally, a routing policy."
+  )
+)
 
 const limits = Command.make(
   "limits",
   {
     connection,
     id: tenantId,
-    limits: AdminOptions.limits(true).pipe(
-      Options.mapEffect((limits) =>
-        limits === undefined
+    change: Options.all({
+      limits: AdminOptions.limits(true),
+      policy: AdminOptions.policy(
+        true,
+        "Bind the tenant to this routing policy (a routing.policies name in the gateway's config)."
+      )
+    }).pipe(
+      Options.mapEffect(({ limits, policy }) =>
+        limits === undefined && Option.isNone(policy)
           ? Effect.fail(
               ValidationError.missingValue(
                 HelpDoc.p(
-                  "Nothing to change: give --rpm, --tpm, --concurrency, --budget-usd or --budget-period."
+                  "Nothing to change: give --rpm, --tpm, --concurrency, --budget-usd, --budget-period or --policy."
                 )
               )
             )
-          : Effect.succeed(limits)
+          : Effect.succeed({
+              ...(limits === undefined ? {} : { limits }),
+              ...Option.match(policy, { onNone: () => ({}), onSome: (policy) => ({ policy }) })
+            })
       )
     ),
     json
   },
   (options) =>
     Effect.gen(function* () {
-      const tenant = yield* (yield* AdminClient).changeTenant(options.id, options.limits)
+      const tenant = yield* (yield* AdminClient).changeTenant(options.id, options.change)
       yield* options.json ? printJson(tenant) : printLines(AdminOptions.tenantFields(tenant))
     })
-).pipe(Command.withDescription("Change a tenant's limits; a limit not given stays as it is."))
+).pipe(
+  Command.withDescription("Change a tenant's limits or routing policy; what is not given stays as it is.")
+)
 
 export const command = Command.make("tenants").pipe(
   Command.withDescription(
-    "List and create tenants and change their limits (through the gateway's admin API)."
+    "List and create tenants and change their limits and policy (through the gateway's admin API)."
   ),
   Command.withSubcommands([
     AdminOptions.withClient(list),

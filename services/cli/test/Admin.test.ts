@@ -1,16 +1,19 @@
 /**
- * The admin commands (`keys`, `usage`) as an operator runs them: the real CLI process against a
- * real gateway (keys on, an admin key of its own) in front of the simulator. A key created by the
- * CLI works at once, its new limit is enforced at once, its revocation refuses it, and its
- * requests show in `usage`; a wrong, missing or unreachable gateway is said plainly.
+ * The admin commands (`keys`, `tenants`, `usage`) as an operator runs them: the real CLI process
+ * against a real gateway (keys on, an admin key of its own, two routing policies) in front of the
+ * simulator. A key created by the CLI works at once, its new limit is enforced at once, its
+ * revocation refuses it, and its requests show in `usage`; keys and tenants are bound to a
+ * routing policy, rebound and unbound, and an unknown policy is refused; a wrong, missing or
+ * unreachable gateway is said plainly.
  */
 import { execFile } from "node:child_process"
 import { fileURLToPath } from "node:url"
 import { expect, layer } from "@effect/vitest"
-import { Context, Effect, Layer, Redacted } from "effect"
+import { Context, Effect, Layer, Redacted, Schema } from "effect"
 import { messages, postChat } from "../../../test/support/Http.js"
 import * as Processes from "../../../test/support/Processes.js"
 import * as AdminClient from "../src/AdminClient.js"
+import * as AdminOptions from "../src/AdminOptions.js"
 import * as UsageCommand from "../src/UsageCommand.js"
 
 const root = fileURLToPath(new URL("../../../", import.meta.url))
@@ -43,7 +46,13 @@ class Stack extends Context.Tag("test/cli/Admin/Stack")<
                   pricing: { input_per_million_usd: 0.15, output_per_million_usd: 0.6 },
                   backends: [{ id: "small-1", url: `http://127.0.0.1:${simPort}` }]
                 }
-              ]
+              ],
+              routing: {
+                policies: [
+                  { name: "auto", tiers: { simple: "small", moderate: "small", complex: "small" } },
+                  { name: "auto-cheap", tiers: { simple: "small", moderate: "small", complex: "small" } }
+                ]
+              }
             },
             { GATEWAY_AUTH: "on", ADMIN_KEY: adminKey }
           )
@@ -136,14 +145,15 @@ layer(Stack.layer, { excludeTestServices: true })("CLI admin commands", (it) => 
         )
         const table = succeeded(listed).trimEnd().split("\n")
         expect(table[0]).toMatch(
-          /^id\s+tenant\s+name\s+prefix\s+models\s+rpm\s+tpm\s+concurrency\s+budget\s+created\s+revoked$/
+          /^id\s+tenant\s+name\s+prefix\s+models\s+policy\s+rpm\s+tpm\s+concurrency\s+budget\s+created\s+revoked$/
         )
         expect(table).toHaveLength(2)
         expect(table[1]).toMatch(
-          new RegExp(`^${id}\\s+${tenant}\\s+ci\\s+${secret!.slice(0, 7)}…\\s+small\\s`)
+          new RegExp(`^${id}\\s+${tenant}\\s+ci\\s+${secret!.slice(0, 7)}…\\s+small\\s+-\\s`)
         )
         expect(table[1]).not.toContain(secret)
         expect(succeeded(limited)).toMatch(/^limits\s+rpm 1, tpm -, concurrency -, budget -$/m)
+        expect(succeeded(limited)).toMatch(/^policy\s+-$/m)
 
         // One request a minute: of two quick ones, the second is refused.
         const first = yield* chat(secret!)
@@ -190,6 +200,174 @@ layer(Stack.layer, { excludeTestServices: true })("CLI admin commands", (it) => 
       }),
     { timeout: 60_000, concurrent: true }
   )
+
+  it.effect(
+    "routing policies: a tenant and a key bound, shown, rebound, unbound; an unknown one refused",
+    () =>
+      Effect.gen(function* () {
+        const tenant = `pol-${crypto.randomUUID().slice(0, 8)}`
+        const other = `pol-${crypto.randomUUID().slice(0, 8)}`
+        const json = (run: Run) => JSON.parse(succeeded(run))
+        /** The `tenants list` row of `id`, its cells split on the table's padding. */
+        const tenantRow = (table: string, id: string) =>
+          table
+            .split("\n")
+            .find((line) => line.startsWith(`${id} `))
+            ?.split(/\s{2,}/)
+
+        // A tenant bound at creation; a key of it bound to another policy at creation.
+        const tenantCreated = succeeded(yield* operator("tenants", "create", tenant, "--policy", "auto"))
+        expect(tenantCreated).toMatch(new RegExp(`^id\\s+${tenant}$`, "m"))
+        expect(tenantCreated).toMatch(/^policy\s+auto$/m)
+        const created = succeeded(
+          yield* operator("keys", "create", "--tenant", tenant, "--name", "bound", "--policy", "auto-cheap")
+        )
+        expect(created).toMatch(/^policy\s+auto-cheap$/m)
+        const id = /^id\s+(key_\S+)$/m.exec(created)?.[1]
+        expect(id, created).toBeDefined()
+
+        // Seen by show, list, tenants list and tenants list --json.
+        const [shown, keyList, tenants, tenantsJson] = yield* Effect.all(
+          [
+            operator("keys", "show", id!),
+            operator("keys", "list", "--tenant", tenant),
+            operator("tenants", "list"),
+            operator("tenants", "list", "--json")
+          ],
+          { concurrency: "unbounded" }
+        )
+        expect(succeeded(shown)).toMatch(/^policy\s+auto-cheap$/m)
+        const keyTable = succeeded(keyList).trimEnd().split("\n")
+        expect(keyTable[0]).toMatch(/^id\s+tenant\s+name\s+prefix\s+models\s+policy\s+rpm\s/)
+        expect(keyTable[1]).toMatch(
+          new RegExp(`^${id}\\s+${tenant}\\s+bound\\s+\\S+…\\s+all\\s+auto-cheap\\s`)
+        )
+        const tenantTable = succeeded(tenants)
+        expect(tenantTable.split("\n")[0]).toMatch(
+          /^id\s+name\s+policy\s+rpm\s+tpm\s+concurrency\s+budget\s+created$/
+        )
+        expect(tenantRow(tenantTable, tenant)?.slice(0, 7)).toEqual([
+          tenant,
+          tenant,
+          "auto",
+          "-",
+          "-",
+          "-",
+          "-"
+        ])
+        expect(json(tenantsJson).data.find((t: { readonly id: string }) => t.id === tenant)).toMatchObject({
+          id: tenant,
+          policy: "auto"
+        })
+
+        // Rebound alone (a policy-only change), then unbound together with a limit; the tenant
+        // likewise. Limits and models not given stay as they are.
+        const [keyRebound, tenantRebound] = yield* Effect.all(
+          [
+            operator("keys", "limits", id!, "--policy", "auto", "--json"),
+            operator("tenants", "limits", tenant, "--policy", "auto-cheap", "--json")
+          ],
+          { concurrency: "unbounded" }
+        )
+        expect(json(keyRebound)).toMatchObject({
+          id,
+          policy: "auto",
+          models: null,
+          limits: { requests_per_minute: null }
+        })
+        expect(json(tenantRebound)).toMatchObject({ id: tenant, policy: "auto-cheap" })
+        const [keyUnbound, tenantUnbound] = yield* Effect.all(
+          [
+            operator("keys", "limits", id!, "--policy", "none", "--rpm", "7"),
+            operator("tenants", "limits", tenant, "--policy", "none")
+          ],
+          { concurrency: "unbounded" }
+        )
+        const unboundText = succeeded(keyUnbound)
+        expect(unboundText).toMatch(/^policy\s+-$/m)
+        expect(unboundText).toMatch(/^limits\s+rpm 7, tpm -, concurrency -, budget -$/m)
+        expect(succeeded(tenantUnbound)).toMatch(/^policy\s+-$/m)
+
+        // An unknown policy: the gateway's message, exit 1, nothing created or changed. Meanwhile
+        // the unbinding is seen by show --json and list, a limit-only change keeps the tenant
+        // unbound, and a change of nothing is a usage error that names --policy.
+        const refusal = "error: There is no routing policy 'nope' (configured: auto, auto-cheap)."
+        const [afterKey, afterTenants, rpmOnly, nothing, ...refused] = yield* Effect.all(
+          [
+            operator("keys", "show", id!, "--json"),
+            operator("tenants", "list"),
+            operator("tenants", "limits", tenant, "--rpm", "50", "--json"),
+            operator("tenants", "limits", tenant),
+            operator("keys", "create", "--tenant", tenant, "--name", "nope", "--policy", "nope"),
+            operator("keys", "limits", id!, "--policy", "nope"),
+            operator("tenants", "create", other, "--policy", "nope")
+          ],
+          { concurrency: "unbounded" }
+        )
+        expect(json(afterKey)).toMatchObject({ policy: null, limits: { requests_per_minute: 7 } })
+        expect(tenantRow(succeeded(afterTenants), tenant)?.slice(0, 3)).toEqual([tenant, tenant, "-"])
+        expect(json(rpmOnly)).toMatchObject({ policy: null, limits: { requests_per_minute: 50 } })
+        expect(nothing.code).not.toBe(0)
+        expect(nothing.stdout + nothing.stderr).toContain("--policy")
+        expect(refused).toHaveLength(3)
+        for (const run of refused) {
+          expect({ code: run.code, stdout: run.stdout, stderr: run.stderr.trim() }).toEqual({
+            code: 1,
+            stdout: "",
+            stderr: refusal
+          })
+        }
+        const [finalKeys, finalTenants] = yield* Effect.all(
+          [operator("keys", "list", "--tenant", tenant, "--json"), operator("tenants", "list", "--json")],
+          { concurrency: "unbounded" }
+        )
+        expect(
+          json(finalKeys).data.map((k: { readonly name: string; readonly policy: string | null }) => [
+            k.name,
+            k.policy
+          ])
+        ).toEqual([["bound", null]])
+        const finalTenant = json(finalTenants).data.filter(
+          (t: { readonly id: string }) => t.id === tenant || t.id === other
+        )
+        expect(finalTenant).toHaveLength(1)
+        expect(finalTenant[0]).toMatchObject({ id: tenant, policy: null })
+      }),
+    // Not beside the key's life: sixteen CLI processes would slow it towards its own timeout.
+    { timeout: 120_000 }
+  )
+
+  it("keys and tenants from a gateway that predates policy bindings decode (no policy: none)", () => {
+    const key = Schema.decodeUnknownSync(AdminClient.ApiKey)({
+      id: "key_1",
+      object: "api_key",
+      tenant: "t",
+      name: "n",
+      prefix: "gw-abcd",
+      models: null,
+      limits: {
+        requests_per_minute: null,
+        tokens_per_minute: null,
+        concurrent_requests: null,
+        budget_usd: null,
+        budget_period: null
+      },
+      scopes: [],
+      created_at: "2026-11-21T00:00:00.000Z",
+      revoked_at: null,
+      revoked_reason: null
+    })
+    expect(key.policy).toBeUndefined()
+    const tenant = Schema.decodeUnknownSync(AdminClient.Tenant)({
+      id: "t",
+      object: "tenant",
+      name: "t",
+      limits: key.limits,
+      created_at: "2026-11-21T00:00:00.000Z"
+    })
+    expect(AdminOptions.keyFields(key)).toContain("policy    -")
+    expect(AdminOptions.tenantFields(tenant)).toContain("policy    -")
+  })
 
   it.effect(
     "a wrong or missing admin key, or no gateway at the URL: a clear error, non-zero exit",
