@@ -56,11 +56,9 @@ const cues = (text: string, reasoningCap: number, constraintCap: number) => {
   cueWords.lastIndex = 0
   let reasoning = 0
   let constraints = 0
-  let match: RegExpExecArray | null
-  while (
-    (reasoning < reasoningCap || constraints < constraintCap) &&
-    (match = cueWords.exec(text)) !== null
-  ) {
+  while (reasoning < reasoningCap || constraints < constraintCap) {
+    const match = cueWords.exec(text)
+    if (match === null) break
     if (match[1] !== undefined) {
       if (reasoning < reasoningCap) reasoning++
     } else if (constraints < constraintCap) constraints++
@@ -72,8 +70,9 @@ const cues = (text: string, reasoningCap: number, constraintCap: number) => {
 const count = (pattern: RegExp, text: string, cap: number, perLine = false): number => {
   pattern.lastIndex = 0
   let n = 0
-  let match: RegExpExecArray | null
-  while (n < cap && (match = pattern.exec(text)) !== null) {
+  while (n < cap) {
+    const match = pattern.exec(text)
+    if (match === null) break
     n++
     if (match[0].length === 0) pattern.lastIndex++
     if (perLine) {
