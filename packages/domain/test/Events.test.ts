@@ -50,6 +50,49 @@ const samples: ReadonlyArray<Events.RequestEvent> = [
   }),
   new Events.RequestRejected({ reason: "rate_limited", status: 429, message: "Slow down." }),
   new Events.RequestRouted({ model, backend, upstreamModel: "Qwen/Qwen3-0.6B", why: "tier" }),
+  new Events.RequestClassified({
+    policy: "auto",
+    tier: "complex",
+    score: 0.4127,
+    features: {
+      lastTurnTokens: 120,
+      contextTokens: 180,
+      turns: 1,
+      systemTokens: 60,
+      code: 2,
+      math: 0,
+      reasoning: 3,
+      questions: 2,
+      constraints: 4,
+      outputTokens: 0,
+      tools: 0,
+      jsonSchema: false
+    },
+    model,
+    acted: true
+  }),
+  new Events.RequestClassified({
+    policy: "auto-trial",
+    tier: "simple",
+    score: 0.02,
+    features: {
+      lastTurnTokens: 3,
+      contextTokens: 3,
+      turns: 1,
+      systemTokens: 0,
+      code: 0,
+      math: 0,
+      reasoning: 0,
+      questions: 1,
+      constraints: 0,
+      outputTokens: 16,
+      tools: 0,
+      jsonSchema: true
+    },
+    model,
+    acted: false,
+    secondOpinion: "moderate"
+  }),
   new Events.RequestRouted({
     model,
     backend,
@@ -295,6 +338,7 @@ describe("isTerminal", () => {
       "AttemptStarted",
       "DeadLetterDiscarded",
       "DeadLetterRetried",
+      "RequestClassified",
       "RequestReceived",
       "RequestRouted"
     ])
