@@ -292,7 +292,7 @@ layer(Stack.layer, { excludeTestServices: true })("CLI backends", (it) => {
           /^small-dead\s+small\s+ejected\s+closed\s+0\s+\d+\s+\d+\s+-\s+0\s+0\s+Connect: ECONNREFUSED\b/
         )
         expect(row("flaky-1")).toMatch(
-          /^flaky-1\s+flaky\s+healthy\s+open, retry in (600|59\d)s\s+0\s+\d+\s+\d+\s+-\s+1\s+1\s+Http: HTTP 500$/
+          /^flaky-1\s+flaky\s+healthy\s+open, retry in (600|5\d\d)s\s+0\s+\d+\s+\d+\s+-\s+1\s+1\s+Http: HTTP 500$/
         )
 
         // --json: the answer whole, every field of every replica, nothing renamed or dropped.
