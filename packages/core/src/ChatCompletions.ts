@@ -270,14 +270,36 @@ export class ChatCompletions extends Effect.Service<ChatCompletions>()("@gateway
         // Taken before the attempt: from the answer to the relay below there is no yield, so no
         // interruption can leave a backend body without a reader.
         const run = Runtime.runPromise(yield* Effect.runtime<never>())
+        if (decision?.acted === true) info.tier = decision.classification.tier
+        const upstreamFrom = performance.now()
         const committed = yield* dispatcher
           .dispatch(primary, recording, info, outgoing, routeReason(decision))
-          .pipe(Effect.onInterrupt(() => recording.record(cancelled(0, false))))
+          .pipe(
+            // A failed request's time went to its backends too, for the gateway's own time.
+            Effect.tapError(() =>
+              Effect.sync(() => {
+                info.upstreamMs = performance.now() - upstreamFrom
+              })
+            ),
+            Effect.onInterrupt(() => recording.record(cancelled(0, false)))
+          )
+        const committedAt = performance.now()
         const { answer, replica, lease, attempts } = committed
         const model = committed.pool.entry.config.name
         const backend = replica.target.backend.id
         info.backend = backend
         info.model = model
+        if (model !== body.model) info.requested = body.model
+        if (committed.pool !== primary) info.fallbackFrom = primary.name
+        /** The gateway's own time so far: before the first attempt, and since the answer came. */
+        const ownMs = () =>
+          Math.round((upstreamFrom - info.startedAt + performance.now() - committedAt) * 100) / 100
+        /** Usage of a whole answer, for the metrics. */
+        const noteUsage = (prompt: number, completion: number, cost: { amountMicroUsd: number } | null) => {
+          info.promptTokens = prompt
+          info.completionTokens = completion
+          if (cost !== null) info.costMicroUsd = cost.amountMicroUsd
+        }
         const answerHeaders: Record<string, string> = {
           ...limitHeaders,
           "x-gateway-backend": backend,
@@ -294,6 +316,8 @@ export class ChatCompletions extends Effect.Service<ChatCompletions>()("@gateway
           const completion = summary.usage?.completion_tokens ?? Tokenizer.countText(summary.text())
           const cost = meter.cost(model, prompt, completion)
           settle(prompt, completion, cost)
+          info.upstreamMs = committedAt - upstreamFrom
+          noteUsage(prompt, completion, cost)
           yield* recording
             .finish(
               new Events.RequestCompleted(
@@ -316,6 +340,7 @@ export class ChatCompletions extends Effect.Service<ChatCompletions>()("@gateway
               )
             )
             .pipe(Effect.mapError(unrecorded))
+          answerHeaders["x-gateway-overhead-ms"] = String(ownMs())
           return HttpServerResponse.uint8Array(answer.body, {
             status: answer.status,
             contentType: "application/json",
@@ -332,6 +357,9 @@ export class ChatCompletions extends Effect.Service<ChatCompletions>()("@gateway
           const completion = scanned.usage?.completion_tokens ?? Tokenizer.countText(scanned.completionText())
           const cost = meter.cost(model, prompt, completion)
           settle(prompt, completion, cost)
+          info.upstreamMs = performance.now() - upstreamFrom
+          if (scanned.firstContentAt !== undefined) info.ttftMs = scanned.firstContentAt - info.startedAt
+          noteUsage(prompt, completion, cost)
           return { promptTokens: prompt, completionTokens: completion, cost }
         }
         /**
@@ -341,6 +369,7 @@ export class ChatCompletions extends Effect.Service<ChatCompletions>()("@gateway
          */
         const failedAfterFirstByte = (error: Errors.BackendError) => {
           info.error = error.message
+          info.upstreamMs = performance.now() - upstreamFrom
           held.settle(nothingUsed)
           const rendered = ErrorResponse.render(error)
           return lease.fail(error).pipe(
@@ -459,6 +488,7 @@ export class ChatCompletions extends Effect.Service<ChatCompletions>()("@gateway
             )
           }
         })
+        answerHeaders["x-gateway-overhead-ms"] = String(ownMs())
         return HttpServerResponse.raw(relayed, {
           contentType: "text/event-stream",
           headers: { ...sseHeaders, ...answerHeaders }
@@ -472,6 +502,7 @@ export class ChatCompletions extends Effect.Service<ChatCompletions>()("@gateway
         Effect.tapError((error) => {
           const reason = rejection(error)
           if (reason === undefined) return Effect.void
+          if (reason === "rate_limited" || reason === "quota_exceeded") info.rejection = reason
           const { status, body } = ErrorResponse.render(error)
           return recording.record(
             new Events.RequestRejected({ reason, status, message: body.error.message }, true)

@@ -23,6 +23,23 @@ export interface RequestInfo {
   error?: string
   /** The client went away before the whole answer was sent. */
   clientClosed?: boolean
+  /** The model the client named, when another one answered (a fallback or a routing policy). */
+  requested?: string
+  /** The tier a routing policy gave the request and acted on. */
+  tier?: string
+  /** Backend calls made (retries and fallbacks included). */
+  attempts?: number
+  /** The model fallen back from, when a fallback answered. */
+  fallbackFrom?: string
+  /** Why the request was turned away by a limit (`rate_limited`, `quota_exceeded`). */
+  rejection?: string
+  /** Time to the first token of a stream, ms. */
+  ttftMs?: number
+  promptTokens?: number
+  completionTokens?: number
+  costMicroUsd?: number
+  /** Time spent waiting on backends (attempts, backoff, the answer), ms: the rest is the gateway's own. */
+  upstreamMs?: number
 }
 
 export class CurrentRequest extends Context.Tag("@gateway/core/CurrentRequest")<

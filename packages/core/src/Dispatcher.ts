@@ -96,6 +96,7 @@ export class Dispatcher extends Effect.Service<Dispatcher>()("@gateway/core/Disp
             const lease = begun.right
             attempt++
             here++
+            info.attempts = attempt
             lastBackend = replica.id
             info.backend = replica.id
             yield* recording.record(

@@ -13,12 +13,18 @@ import { BackendPool } from "./BackendPool.js"
 import { ChatCompletions } from "./ChatCompletions.js"
 import { CurrentRequest, type RequestInfo } from "./CurrentRequest.js"
 import * as ErrorResponse from "./ErrorResponse.js"
+import { Metrics } from "./Metrics.js"
 import { Models } from "./Models.js"
 import { Readiness } from "./Readiness.js"
 import type * as Replica from "./Replica.js"
 
 const json = (body: unknown, status = 200) =>
   HttpServerResponse.text(JSON.stringify(body), { status, contentType: "application/json" })
+
+const isChatPath = (url: string) => {
+  const path = pathOf(url)
+  return path === "/v1/chat/completions" || path === "/chat/completions"
+}
 
 const pathOf = (url: string) => {
   const q = url.indexOf("?")
@@ -64,6 +70,7 @@ export const make = Effect.gen(function* () {
   const admin = yield* AdminApi
   const models = yield* Models
   const pool = yield* BackendPool
+  const metrics = yield* Metrics
   const readiness = yield* Readiness
   const auth = yield* Auth
   const modelList = json(models.list)
@@ -116,6 +123,15 @@ export const make = Effect.gen(function* () {
           )
         }
         break
+    }
+    if (path === "/metrics" && request.method === "GET") {
+      // On the API's port, the admin key guards it (it names tenants and models).
+      const caller = auth.authenticateAdmin(request.headers)
+      if (Either.isLeft(caller)) return Effect.fail(caller.left)
+      info.keyName = caller.right === "admin" ? "admin" : caller.right
+      return Effect.map(metrics.render, (text) =>
+        HttpServerResponse.text(text, { contentType: metrics.contentType })
+      )
     }
     if (path === "/admin/backends" && request.method === "GET") {
       const caller = auth.authenticateAdmin(request.headers)
@@ -177,57 +193,66 @@ export const make = Effect.gen(function* () {
       "x-gateway-request-id": info.requestId
     })
   })
-  return app
+  return { app, metrics }
 })
 
 /** Status recorded for a client that went away before the response was complete (as nginx). */
 const CLIENT_CLOSED = 499
 
-/** Gives each request its info, and logs it after the response has been sent or abandoned. */
-const withAccessLog = <E, R>(
-  app: Effect.Effect<HttpServerResponse.HttpServerResponse, E, R>
-): Effect.Effect<
-  HttpServerResponse.HttpServerResponse,
-  E,
-  Exclude<R, CurrentRequest> | HttpServerRequest.HttpServerRequest
-> =>
-  Effect.flatMap(HttpServerRequest.HttpServerRequest, (request) => {
-    const info: RequestInfo = {
-      requestId: Ids.newRequestId(),
-      clientRequestId: Ids.clientRequestId(request.headers["x-request-id"]),
-      startedAt: performance.now()
-    }
-    return app.pipe(
-      Effect.provideService(CurrentRequest, info),
-      Effect.onExit((exit) => {
-        const status = info.clientClosed
-          ? CLIENT_CLOSED
-          : Exit.isSuccess(exit)
-            ? exit.value.status
-            : NodeHttpServerRequest.toServerResponse(request).statusCode
-        if (info.clientClosed && info.error === undefined) info.error = "client closed the connection"
-        const fields: Record<string, unknown> = {
-          request_id: info.requestId,
-          ...(info.clientRequestId === undefined ? {} : { client_request_id: info.clientRequestId }),
-          method: request.method,
-          path: pathOf(request.url),
-          status,
-          latency_ms: Math.round((performance.now() - info.startedAt) * 100) / 100
-        }
-        if (info.tenantId !== undefined) fields.tenant = info.tenantId
-        if (info.keyId !== undefined) fields.key_id = info.keyId
-        if (info.keyName !== undefined) fields.key_name = info.keyName
-        if (info.model !== undefined) fields.model = info.model
-        if (info.backend !== undefined) fields.backend = info.backend
-        if (info.stream !== undefined) fields.stream = info.stream
-        if (info.error !== undefined) fields.error = info.error
-        const api = fields.path !== "/health" && fields.path !== "/ready"
-        return api ? Effect.logInfo("request", fields) : Effect.logDebug("request", fields)
-      })
-    )
-  })
+/**
+ * Gives each request its info, and logs it (and counts a chat completion in the metrics) after
+ * the response has been sent or abandoned.
+ */
+const withAccessLog =
+  (metrics: Metrics) =>
+  <E, R>(
+    app: Effect.Effect<HttpServerResponse.HttpServerResponse, E, R>
+  ): Effect.Effect<
+    HttpServerResponse.HttpServerResponse,
+    E,
+    Exclude<R, CurrentRequest> | HttpServerRequest.HttpServerRequest
+  > =>
+    Effect.flatMap(HttpServerRequest.HttpServerRequest, (request) => {
+      const info: RequestInfo = {
+        requestId: Ids.newRequestId(),
+        clientRequestId: Ids.clientRequestId(request.headers["x-request-id"]),
+        startedAt: performance.now()
+      }
+      const chat = request.method === "POST" && isChatPath(request.url)
+      if (chat) metrics.started()
+      return app.pipe(
+        Effect.provideService(CurrentRequest, info),
+        Effect.onExit((exit) => {
+          const status = info.clientClosed
+            ? CLIENT_CLOSED
+            : Exit.isSuccess(exit)
+              ? exit.value.status
+              : NodeHttpServerRequest.toServerResponse(request).statusCode
+          if (info.clientClosed && info.error === undefined) info.error = "client closed the connection"
+          const latencyMs = performance.now() - info.startedAt
+          if (chat) metrics.finished(info, status, latencyMs)
+          const fields: Record<string, unknown> = {
+            request_id: info.requestId,
+            ...(info.clientRequestId === undefined ? {} : { client_request_id: info.clientRequestId }),
+            method: request.method,
+            path: pathOf(request.url),
+            status,
+            latency_ms: Math.round(latencyMs * 100) / 100
+          }
+          if (info.tenantId !== undefined) fields.tenant = info.tenantId
+          if (info.keyId !== undefined) fields.key_id = info.keyId
+          if (info.keyName !== undefined) fields.key_name = info.keyName
+          if (info.model !== undefined) fields.model = info.model
+          if (info.backend !== undefined) fields.backend = info.backend
+          if (info.stream !== undefined) fields.stream = info.stream
+          if (info.error !== undefined) fields.error = info.error
+          const api = fields.path !== "/health" && fields.path !== "/ready"
+          return api ? Effect.logInfo("request", fields) : Effect.logDebug("request", fields)
+        })
+      )
+    })
 
 /** Serves the gateway on whatever `HttpServer` is provided. */
-export const layer = Layer.unwrapEffect(Effect.map(make, (app) => HttpServer.serve(app, withAccessLog))).pipe(
-  Layer.provide([ChatCompletions.Default, Readiness.Default])
-)
+export const layer = Layer.unwrapEffect(
+  Effect.map(make, ({ app, metrics }) => HttpServer.serve(app, withAccessLog(metrics)))
+).pipe(Layer.provide([ChatCompletions.Default, Readiness.Default]))

@@ -19,6 +19,7 @@ import {
   type LimiterStore,
   MemoryLimiterStore,
   Meter,
+  Metrics,
   Models,
   OpenAiCompatible,
   RateLimiter,
@@ -248,7 +249,9 @@ export const layer = (options: Options) => {
     )
   )
   return app.pipe(
-    Layer.provide(Layer.merge(Dispatcher.Dispatcher.Default, Router.Router.Default)),
+    Layer.provide(
+      Layer.mergeAll(Dispatcher.Dispatcher.Default, Router.Router.Default, Metrics.Metrics.Default)
+    ),
     Layer.provideMerge(backends),
     Layer.provideMerge(Models.Models.Default),
     Layer.provide(OpenAiCompatible.layer),
