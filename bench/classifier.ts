@@ -23,7 +23,6 @@ import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs"
 import { availableParallelism, cpus, loadavg, tmpdir } from "node:os"
 import { dirname, join, relative } from "node:path"
 import { fileURLToPath } from "node:url"
-import { parseArgs } from "node:util"
 import * as Classifier from "@gateway/core/Classifier"
 import { OpenAi, Routing } from "@gateway/domain"
 import { Schema } from "effect"
@@ -53,8 +52,6 @@ const usage = `Usage: pnpm bench:classifier [--flag value]...
                         other processes use > ${Procs.noisyPct}% of a core (30)
   --time-limit S        hard limit of the whole run; children are stopped after it (240)`
 
-// `pnpm bench:classifier -- --flag` passes the "--" along.
-const argv = process.argv.slice(2).filter((a, i) => !(i === 0 && a === "--"))
 const options = {
   phases: { type: "string", default: "classifier,gateway" },
   runs: { type: "string", default: "5" },
@@ -73,22 +70,7 @@ const options = {
   "time-limit": { type: "string", default: "240" },
   help: { type: "boolean", short: "h", default: false }
 } as const
-const parsed = (() => {
-  try {
-    return parseArgs({ args: argv, options })
-  } catch (error) {
-    process.stderr.write(
-      `bench:classifier: ${error instanceof Error ? error.message : String(error)}\n\n${usage}\n`
-    )
-    return process.exit(2)
-  }
-})()
-const flags = parsed.values
-if (flags.help) {
-  process.stdout.write(`${usage}\n`)
-  process.exit(0)
-}
-const { num, int, list } = Flags.parsers("bench:classifier", usage)
+const { flags, argv, num, int, list } = Flags.parse("bench:classifier", usage, options)
 const phases = new Set(flags.phases.split(","))
 for (const p of phases) {
   if (p !== "classifier" && p !== "gateway") {

@@ -30,7 +30,6 @@ import {
 import { availableParallelism, cpus, loadavg, tmpdir } from "node:os"
 import { dirname, join, relative } from "node:path"
 import { fileURLToPath } from "node:url"
-import { parseArgs } from "node:util"
 import { SqlClient } from "@effect/sql"
 import { PgClient } from "@effect/sql-pg"
 import { Projections } from "@gateway/core"
@@ -78,7 +77,6 @@ const usage = `Usage: pnpm bench:events [--flag value]...
                          use > 25% of a core (60)
   --time-limit S         hard limit of the whole run (1500)`
 
-const argv = process.argv.slice(2).filter((a, i) => !(i === 0 && a === "--"))
 const options = {
   phases: { type: "string", default: "append,replay,recording" },
   "admin-url": { type: "string", default: "postgres://postgres@127.0.0.1:5432/postgres" },
@@ -108,26 +106,7 @@ const options = {
   "time-limit": { type: "string", default: "1500" },
   help: { type: "boolean", short: "h", default: false }
 } as const
-const parsed = (() => {
-  try {
-    return parseArgs({ args: argv, options })
-  } catch (error) {
-    process.stderr.write(
-      `bench:events: ${error instanceof Error ? error.message : String(error)}\n\n${usage}\n`
-    )
-    return process.exit(2)
-  }
-})()
-const flags = parsed.values
-if (flags.help) {
-  process.stdout.write(`${usage}\n`)
-  process.exit(0)
-}
-const fail = (message: string): never => {
-  process.stderr.write(`bench:events: ${message}\n\n${usage}\n`)
-  return process.exit(2)
-}
-const { num, int, list } = Flags.parsers("bench:events", usage)
+const { flags, argv, fail, num, int, list } = Flags.parse("bench:events", usage, options)
 
 const recVariants = (raw: string): ReadonlyArray<"off" | "on" | "writer"> => {
   const vs = raw

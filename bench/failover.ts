@@ -30,7 +30,6 @@ import {
 import { availableParallelism, cpus, loadavg, tmpdir } from "node:os"
 import { dirname, join, relative } from "node:path"
 import { fileURLToPath } from "node:url"
-import { parseArgs } from "node:util"
 import { type Agent, request } from "undici"
 import * as Flags from "./Flags.js"
 import * as LoadGen from "./LoadGen.js"
@@ -59,8 +58,6 @@ const usage = `Usage: pnpm bench:failover [--flag value]...
                         processes use > ${Procs.noisyPct}% of a core (60)
   --time-limit S        hard limit of the whole run; children are stopped after it (480)`
 
-// `pnpm bench:failover -- --flag` passes the "--" along.
-const argv = process.argv.slice(2).filter((a, i) => !(i === 0 && a === "--"))
 const options = {
   rounds: { type: "string", default: "5" },
   variants: { type: "string", default: "defaults,cooldown-1s" },
@@ -81,26 +78,7 @@ const options = {
   "time-limit": { type: "string", default: "480" },
   help: { type: "boolean", short: "h", default: false }
 } as const
-const parsed = (() => {
-  try {
-    return parseArgs({ args: argv, options })
-  } catch (error) {
-    process.stderr.write(
-      `bench:failover: ${error instanceof Error ? error.message : String(error)}\n\n${usage}\n`
-    )
-    return process.exit(2)
-  }
-})()
-const flags = parsed.values
-if (flags.help) {
-  process.stdout.write(`${usage}\n`)
-  process.exit(0)
-}
-const fail = (message: string): never => {
-  process.stderr.write(`bench:failover: ${message}\n\n${usage}\n`)
-  return process.exit(2)
-}
-const { num, int } = Flags.parsers("bench:failover", usage)
+const { flags, argv, fail, num, int } = Flags.parse("bench:failover", usage, options)
 
 /** The pool section of each variant's config file; `defaults` writes none. */
 const variantPools = {

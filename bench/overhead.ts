@@ -16,7 +16,6 @@ import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs"
 import { availableParallelism, cpus, loadavg, tmpdir } from "node:os"
 import { dirname, join, relative } from "node:path"
 import { fileURLToPath } from "node:url"
-import { parseArgs } from "node:util"
 import * as Flags from "./Flags.js"
 import * as LoadGen from "./LoadGen.js"
 import * as Procs from "./Procs.js"
@@ -46,8 +45,6 @@ const usage = `Usage: pnpm bench [--flag value]...
                         processes use > 25% of a core (60)
   --time-limit S        hard limit of the whole run; children are stopped after it (600)`
 
-// `pnpm bench -- --flag` passes the "--" along.
-const argv = process.argv.slice(2).filter((a, i) => !(i === 0 && a === "--"))
 const options = {
   rounds: { type: "string", default: "3" },
   requests: { type: "string", default: "20000" },
@@ -71,21 +68,7 @@ const options = {
   "time-limit": { type: "string", default: "600" },
   help: { type: "boolean", short: "h", default: false }
 } as const
-const parsed = (() => {
-  try {
-    return parseArgs({ args: argv, options })
-  } catch (error) {
-    process.stderr.write(`bench: ${error instanceof Error ? error.message : String(error)}\n\n${usage}\n`)
-    return process.exit(2)
-  }
-})()
-const flags = parsed.values
-if (flags.help) {
-  process.stdout.write(`${usage}\n`)
-  process.exit(0)
-}
-
-const { num, int, list } = Flags.parsers("bench", usage)
+const { flags, argv, num, int, list } = Flags.parse("bench", usage, options)
 
 const config = {
   rounds: int("rounds", flags.rounds, 1),

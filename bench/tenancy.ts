@@ -21,7 +21,6 @@ import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "nod
 import { availableParallelism, cpus, loadavg, tmpdir } from "node:os"
 import { dirname, join, relative } from "node:path"
 import { fileURLToPath } from "node:url"
-import { parseArgs } from "node:util"
 import * as Flags from "./Flags.js"
 import * as LoadGen from "./LoadGen.js"
 import * as Procs from "./Procs.js"
@@ -48,8 +47,6 @@ const usage = `Usage: pnpm bench:tenancy [--flag value]...
                         processes use > ${Procs.noisyPct}% of a core (60)
   --time-limit S        hard limit of the whole run; children are stopped after it (600)`
 
-// `pnpm bench:tenancy -- --flag` passes the "--" along.
-const argv = process.argv.slice(2).filter((a, i) => !(i === 0 && a === "--"))
 const options = {
   rounds: { type: "string", default: "5" },
   variants: { type: "string", default: "off,memory,redis" },
@@ -69,26 +66,7 @@ const options = {
   "time-limit": { type: "string", default: "600" },
   help: { type: "boolean", short: "h", default: false }
 } as const
-const parsed = (() => {
-  try {
-    return parseArgs({ args: argv, options })
-  } catch (error) {
-    process.stderr.write(
-      `bench:tenancy: ${error instanceof Error ? error.message : String(error)}\n\n${usage}\n`
-    )
-    return process.exit(2)
-  }
-})()
-const flags = parsed.values
-if (flags.help) {
-  process.stdout.write(`${usage}\n`)
-  process.exit(0)
-}
-const fail = (message: string): never => {
-  process.stderr.write(`bench:tenancy: ${message}\n\n${usage}\n`)
-  return process.exit(2)
-}
-const { num, int } = Flags.parsers("bench:tenancy", usage)
+const { flags, argv, fail, num, int } = Flags.parse("bench:tenancy", usage, options)
 
 const variantNames = ["off", "memory", "redis"] as const
 type Variant = (typeof variantNames)[number]
