@@ -378,3 +378,53 @@ export const quietWaiter = (budgetMs: number, log: (line: string) => void): Quie
     waitedMs: () => waited
   }
 }
+
+/**
+ * Ends the run on SIGINT, SIGTERM or once `timeLimitMs` has passed: `stop` cleans up (children,
+ * work directory, databases), then the process exits 1 — after 30 s at the latest. `watchdog` is
+ * the time limit's timer, to clear when the run ends on its own.
+ */
+export const guard = (options: {
+  readonly log: (line: string) => void
+  readonly timeLimitMs: number
+  readonly stop: () => Promise<unknown>
+}): {
+  readonly abort: (reason: string) => void
+  /** Whether the run is being stopped by `abort` (its failure is then not the run's own). */
+  readonly aborting: () => boolean
+  readonly watchdog: ReturnType<typeof setTimeout>
+} => {
+  let stopping = false
+  const abort = (reason: string): void => {
+    if (stopping) return
+    stopping = true
+    options.log(`aborting: ${reason}`)
+    setTimeout(() => process.exit(1), 30_000).unref()
+    void options.stop().finally(() => process.exit(1))
+  }
+  process.once("SIGINT", () => abort("SIGINT"))
+  process.once("SIGTERM", () => abort("SIGTERM"))
+  const watchdog = setTimeout(
+    () => abort(`--time-limit of ${options.timeLimitMs / 1000} s reached`),
+    options.timeLimitMs
+  )
+  return { abort, aborting: () => stopping, watchdog }
+}
+
+/** The commit measured, and which source files of the gateway's packages differ from it. */
+export const treeState = (root: string): string => {
+  const git = (...args: ReadonlyArray<string>) => execFileSync("git", args, { cwd: root, encoding: "utf8" })
+  try {
+    const commit = git("rev-parse", "--short", "HEAD").trim()
+    const dirty = git("status", "--porcelain", "--", "packages", "services")
+      .split("\n")
+      .filter((l) => l.trim() !== "")
+      .map((l) => l.slice(3))
+      .filter((path) => path.includes("/src/"))
+    return dirty.length === 0
+      ? `commit ${commit}, packages/*/src and services/*/src clean`
+      : `commit ${commit} plus uncommitted changes in ${dirty.join(", ")}`
+  } catch {
+    return "unknown (git failed)"
+  }
+}

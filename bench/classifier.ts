@@ -18,7 +18,6 @@
  * The gateway is pinned to CPU 0, the sim and this process to CPU 1. Markdown on stdout,
  * progress on stderr, JSON in bench/results/.
  */
-import { execFileSync } from "node:child_process"
 import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs"
 import { availableParallelism, cpus, loadavg, tmpdir } from "node:os"
 import { dirname, join, relative } from "node:path"
@@ -117,16 +116,7 @@ const stopAll = async (): Promise<void> => {
   await Promise.all(children.map((p) => p.stop()))
   rmSync(workDir, { recursive: true, force: true })
 }
-const abort = (reason: string): void => {
-  log(`aborting: ${reason}`)
-  void stopAll().finally(() => process.exit(1))
-}
-process.once("SIGINT", () => abort("SIGINT"))
-process.once("SIGTERM", () => abort("SIGTERM"))
-const watchdog = setTimeout(
-  () => abort(`--time-limit of ${config.timeLimitMs / 1000} s reached`),
-  config.timeLimitMs
-)
+const { watchdog } = Procs.guard({ log, timeLimitMs: config.timeLimitMs, stop: stopAll })
 const quiet = Procs.quietWaiter(config.waitQuietMs, log)
 
 // --- Prompts ---------------------------------------------------------------------------------
@@ -802,19 +792,6 @@ const markdown = (
 
 // --- Main --------------------------------------------------------------------------------------
 
-const gitDescribe = (): string => {
-  try {
-    const head = execFileSync("git", ["rev-parse", "--short", "HEAD"], { cwd: root, encoding: "utf8" }).trim()
-    const dirty = execFileSync("git", ["status", "--porcelain", "--untracked-files=no"], {
-      cwd: root,
-      encoding: "utf8"
-    }).trim()
-    return dirty === "" ? head : `${head} (working tree with uncommitted changes)`
-  } catch {
-    return "unknown"
-  }
-}
-
 const main = async (): Promise<void> => {
   log(pinning)
   const quietAtStart = await quiet.wait(2, 500, [])
@@ -837,7 +814,7 @@ const main = async (): Promise<void> => {
   const meta: Record<string, string> = {
     date: startedAt.toISOString(),
     command: ["pnpm bench:classifier", ...argv].join(" "),
-    commit: gitDescribe(),
+    commit: Procs.treeState(root),
     machine: `${cpuCount} CPUs (${cpus()[0]?.model ?? "unknown"}), load average ${load0.map((x) => x.toFixed(2)).join(" ")} at start, ${load1.map((x) => x.toFixed(2)).join(" ")} at end`,
     node: process.version,
     pinning,

@@ -1685,25 +1685,15 @@ const main = Effect.gen(function* () {
 }).pipe(Effect.scoped)
 
 const fiber = Effect.runFork(main)
-let stopping = false
-const abort = (reason: string): void => {
-  if (stopping) return
-  stopping = true
-  log(`aborting: ${reason}`)
-  // Interrupting runs the finalizers: children stopped, fresh databases dropped.
-  setTimeout(() => process.exit(1), 30_000).unref()
-  void Effect.runPromise(Fiber.interrupt(fiber)).finally(() => process.exit(1))
-}
-process.once("SIGINT", () => abort("SIGINT"))
-process.once("SIGTERM", () => abort("SIGTERM"))
-const watchdog = setTimeout(
-  () => abort(`--time-limit of ${config.timeLimitMs / 1000} s reached`),
-  config.timeLimitMs
-)
+const { watchdog, aborting } = Procs.guard({
+  log,
+  timeLimitMs: config.timeLimitMs,
+  stop: () => Effect.runPromise(Fiber.interrupt(fiber))
+})
 fiber.addObserver((exit) => {
   clearTimeout(watchdog)
   rmSync(workDir, { recursive: true, force: true })
-  if (Exit.isFailure(exit) && !stopping) {
+  if (Exit.isFailure(exit) && !aborting()) {
     log(`failed: ${exit.cause.toString()}`)
     process.exitCode = 1
   }

@@ -114,16 +114,7 @@ const stopAll = async (): Promise<void> => {
   await Promise.all(children.map((p) => p.stop()))
   rmSync(workDir, { recursive: true, force: true })
 }
-const abort = (reason: string): void => {
-  log(`aborting: ${reason}`)
-  void stopAll().finally(() => process.exit(1))
-}
-process.once("SIGINT", () => abort("SIGINT"))
-process.once("SIGTERM", () => abort("SIGTERM"))
-const watchdog = setTimeout(
-  () => abort(`--time-limit of ${config.timeLimitMs / 1000} s reached`),
-  config.timeLimitMs
-)
+const { watchdog } = Procs.guard({ log, timeLimitMs: config.timeLimitMs, stop: stopAll })
 
 // --- Measurements --------------------------------------------------------------------------
 

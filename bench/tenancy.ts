@@ -197,35 +197,7 @@ const stopAll = async (): Promise<void> => {
   }
   rmSync(workDir, { recursive: true, force: true })
 }
-const abort = (reason: string): void => {
-  log(`aborting: ${reason}`)
-  setTimeout(() => process.exit(1), 30_000).unref()
-  void stopAll().finally(() => process.exit(1))
-}
-process.once("SIGINT", () => abort("SIGINT"))
-process.once("SIGTERM", () => abort("SIGTERM"))
-const watchdog = setTimeout(
-  () => abort(`--time-limit of ${config.timeLimitMs / 1000} s reached`),
-  config.timeLimitMs
-)
-
-/** The commit measured, and which source files of the gateway's packages differ from it. */
-const treeState = (): string => {
-  const git = (...args: ReadonlyArray<string>) => execFileSync("git", args, { cwd: root, encoding: "utf8" })
-  try {
-    const commit = git("rev-parse", "--short", "HEAD").trim()
-    const dirty = git("status", "--porcelain", "--", "packages", "services")
-      .split("\n")
-      .filter((l) => l.trim() !== "")
-      .map((l) => l.slice(3))
-      .filter((path) => path.includes("/src/"))
-    return dirty.length === 0
-      ? `commit ${commit}, packages/*/src and services/*/src clean`
-      : `commit ${commit} plus uncommitted changes in ${dirty.join(", ")}`
-  } catch {
-    return "unknown (git failed)"
-  }
-}
+const { watchdog } = Procs.guard({ log, timeLimitMs: config.timeLimitMs, stop: stopAll })
 
 // --- Gateways --------------------------------------------------------------------------------
 
@@ -693,7 +665,7 @@ const main = async (): Promise<void> => {
   }
   const quietAtStart = await quiet.wait(2, 1000, [])
   const startedAt = new Date()
-  const tree0 = treeState()
+  const tree0 = Procs.treeState(root)
   const load0 = loadavg()
 
   const adminKey = `gw-admin-bench-${randomBytes(16).toString("hex")}`
@@ -821,7 +793,7 @@ const main = async (): Promise<void> => {
     })
     .join(", ")
   const load1 = loadavg()
-  const tree1 = treeState()
+  const tree1 = Procs.treeState(root)
   await stopAll()
   clearTimeout(watchdog)
 
