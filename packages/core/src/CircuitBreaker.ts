@@ -7,8 +7,8 @@
  * breaker instance and is changed only inside its own synchronous steps, so every decision is
  * atomic and `acquire` in the closed state costs a clock read and an allocation.
  */
-import { Errors, GatewayConfig } from "@gateway/domain"
-import { Cause, Effect, type Exit, Option, Schema } from "effect"
+import { GatewayConfig } from "@gateway/domain"
+import { Effect, Schema } from "effect"
 
 /** The `circuit_breaker` section of the config file; every key has a default. */
 export const CircuitBreakerConfig = GatewayConfig.CircuitBreakerConfig
@@ -304,26 +304,3 @@ export const make = (options: {
 
     return { backend, acquire, state: snapshot, unsafeAvailable, unsafeRetryAfterMs } satisfies CircuitBreaker
   })
-
-/** Counts only failures that say something about the backend's health: retryable `BackendError`s. */
-export const isRetryableBackendError = (error: unknown): boolean =>
-  error instanceof Errors.BackendError && error.retryable
-
-/**
- * Runs `self` under a permit of `breaker` and completes it from the exit: a failure for which
- * `isFailure` holds counts against the backend, any other result as a success; an interruption
- * or a defect (not the backend's doing) releases the permit.
- */
-export const withBreaker =
-  <E>(breaker: CircuitBreaker, isFailure: (error: E) => boolean = () => true) =>
-  <A, E1 extends E, R>(self: Effect.Effect<A, E1, R>): Effect.Effect<A, E1 | BreakerOpen, R> =>
-    Effect.acquireUseRelease(
-      breaker.acquire,
-      () => self,
-      (permit, exit: Exit.Exit<A, E1>) => {
-        if (exit._tag === "Success") return permit.succeed
-        const failure = Cause.failureOption(exit.cause)
-        if (Option.isNone(failure)) return permit.release
-        return isFailure(failure.value) ? permit.fail : permit.succeed
-      }
-    )

@@ -1,7 +1,6 @@
 import { describe, expect, it } from "@effect/vitest"
 import * as CircuitBreaker from "@gateway/core/CircuitBreaker"
-import { Errors } from "@gateway/domain"
-import { Effect, Fiber, Ref, Schema, TestClock } from "effect"
+import { Effect, Ref, Schema, TestClock } from "effect"
 
 const config = (fields: ConstructorParameters<typeof CircuitBreaker.CircuitBreakerConfig>[0] = {}) =>
   CircuitBreaker.CircuitBreakerConfig.make(fields)
@@ -336,54 +335,6 @@ describe("CircuitBreaker", () => {
       })
       yield* failTimes(breaker, 1)
       expect(yield* stateOf(breaker)).toBe("open")
-    })
-  )
-
-  it.effect("withBreaker counts only the failures the predicate picks, and skips the call when open", () =>
-    Effect.gen(function* () {
-      const { breaker } = yield* setup({ consecutiveFailures: 3 })
-      const calls = yield* Ref.make(0)
-      const call = (status: number) =>
-        Ref.update(calls, (n) => n + 1).pipe(
-          Effect.zipRight(
-            Effect.fail(
-              new Errors.BackendError({ reason: "Http", backend: "b1", status, detail: `${status}` })
-            )
-          ),
-          CircuitBreaker.withBreaker(breaker, CircuitBreaker.isRetryableBackendError)
-        )
-      for (let i = 0; i < 5; i++) yield* Effect.flip(call(400))
-      expect(yield* breaker.state).toMatchObject({
-        state: "closed",
-        consecutiveFailures: 0,
-        windowFailures: 0
-      })
-      for (let i = 0; i < 2; i++) yield* Effect.flip(call(503))
-      expect((yield* breaker.state).consecutiveFailures).toBe(2)
-      // A 4xx answer shows the backend is up: it resets the run.
-      yield* Effect.flip(call(404))
-      expect((yield* breaker.state).consecutiveFailures).toBe(0)
-      for (let i = 0; i < 3; i++) yield* Effect.flip(call(502))
-      expect(yield* stateOf(breaker)).toBe("open")
-      expect(yield* Ref.get(calls)).toBe(11)
-      const refused = yield* Effect.flip(call(503))
-      expect(refused._tag).toBe("BreakerOpen")
-      expect(yield* Ref.get(calls)).toBe(11)
-    })
-  )
-
-  it.effect("withBreaker releases the permit when the call is interrupted", () =>
-    Effect.gen(function* () {
-      const { breaker } = yield* setup({ consecutiveFailures: 1, cooldownMs: 1_000, successesToClose: 1 })
-      yield* failTimes(breaker, 1)
-      yield* TestClock.adjust(1_000)
-      const fiber = yield* Effect.never.pipe(CircuitBreaker.withBreaker(breaker), Effect.fork)
-      yield* Effect.yieldNow()
-      expect(yield* breaker.state).toMatchObject({ state: "half_open", probesInFlight: 1 })
-      yield* Fiber.interrupt(fiber)
-      expect(yield* breaker.state).toMatchObject({ state: "half_open", probesInFlight: 0, probeSuccesses: 0 })
-      yield* Effect.succeed("ok").pipe(CircuitBreaker.withBreaker(breaker))
-      expect(yield* stateOf(breaker)).toBe("closed")
     })
   )
 })
