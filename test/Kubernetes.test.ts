@@ -9,6 +9,7 @@ import { FileSystem } from "@effect/platform"
 import { NodeContext } from "@effect/platform-node"
 import { expect, layer } from "@effect/vitest"
 import { ConfigLoader } from "@gateway/core"
+import * as Gateway from "@gateway/gateway/Gateway"
 import { Effect } from "effect"
 
 const dir = fileURLToPath(new URL("../infra/k8s", import.meta.url))
@@ -388,7 +389,7 @@ layer(NodeContext.layer)("Kubernetes manifests (infra/k8s)", (it) => {
     })
   )
 
-  it.effect("shutdown: the grace period outlasts the preStop sleep and the longest answer allowed", () =>
+  it.effect("shutdown: the grace period outlasts the preStop sleep and the gateway's whole drain", () =>
     Effect.gen(function* () {
       const c = yield* cluster
       const grace: number = c.pod.terminationGracePeriodSeconds
@@ -400,6 +401,37 @@ layer(NodeContext.layer)("Kubernetes manifests (infra/k8s)", (it) => {
       expect(grace, `grace ≥ preStop ${sleep} s + longest total_ms ${longest} ms`).toBeGreaterThanOrEqual(
         sleep + Math.ceil(longest / 1000)
       )
+      // The gateway lets the longest answer finish, and the kubelet waits for its whole shutdown
+      // (grace, drain of cut answers, event flush) before SIGKILL.
+      const { shutdownGraceMs } = config.server
+      expect(shutdownGraceMs, "shutdown_grace_ms ≥ the longest total_ms").toBeGreaterThanOrEqual(longest)
+      const budget = Gateway.shutdownBudgetMs(config)
+      expect(budget).toBeGreaterThan(shutdownGraceMs)
+      expect(
+        grace,
+        `grace > preStop ${sleep} s + the gateway's shutdown (shutdown_grace_ms ${shutdownGraceMs} ms, at most ${budget} ms in all)`
+      ).toBeGreaterThan(sleep + Math.ceil(budget / 1000))
+    }).pipe(Effect.scoped)
+  )
+
+  it.effect("metrics: Prometheus scrapes the pods on the gateway's metrics port, not on the API port", () =>
+    Effect.gen(function* () {
+      const c = yield* cluster
+      const config = yield* gatewayConfig(c)
+      const port = config.server.metricsPort
+      expect(port, "server.metrics_port is set").toBeDefined()
+      const metrics = c.container.ports.find((p: any) => p.name === "metrics")
+      expect(metrics?.containerPort, "the container port named 'metrics' is server.metrics_port").toBe(port)
+      expect(port, "the metrics port is not the API's").not.toBe(containerPort(c.container, "http"))
+      const annotations: Record<string, string> = c.deployment.spec.template.metadata.annotations ?? {}
+      expect(annotations["prometheus.io/scrape"]).toBe("true")
+      expect(annotations["prometheus.io/port"], "the scrape annotation names the metrics port").toBe(
+        String(port)
+      )
+      expect(annotations["prometheus.io/path"] ?? "/metrics").toBe("/metrics")
+      expect(valueOf(c.env, "METRICS_PORT"), "no METRICS_PORT overriding the file").toBeUndefined()
+      // The Service carries the API only: the metrics port needs no key, so it stays inside the pod network.
+      for (const p of c.service.spec.ports) expect(containerPort(c.container, p.targetPort)).not.toBe(port)
     }).pipe(Effect.scoped)
   )
 

@@ -1,11 +1,14 @@
 /**
  * `/metrics` after a scripted mix of requests — answers streamed and not, a fallback, a backend
- * error, a rate-limit refusal — read by parsing the Prometheus exposition format, sample by sample.
+ * error, a rate-limit refusal — read by parsing the Prometheus exposition format, sample by sample,
+ * and checked against the event log the gateway wrote.
  */
 import { expect, layer } from "@effect/vitest"
 import { Context, Effect, Layer } from "effect"
 import * as Admin from "./support/Admin.js"
+import * as EventLog from "./support/EventLog.js"
 import * as Processes from "./support/Processes.js"
+import * as TcpProxy from "./support/TcpProxy.js"
 
 /** One sample: its metric name, its labels, its value. */
 interface Sample {
@@ -40,6 +43,16 @@ const valueOf = (samples: ReadonlyArray<Sample>, name: string, labels: Record<st
   return found.reduce((sum, s) => sum + s.value, 0)
 }
 
+/** The projections a gateway runs in its own process. */
+const projections = ["dead_letters", "request_log", "usage_hourly"]
+
+const scrape = (baseUrl: string, adminKey: string) =>
+  Effect.promise(async () => {
+    const response = await fetch(`${baseUrl}/metrics`, { headers: Admin.bearer(adminKey) })
+    expect(response.status).toBe(200)
+    return parseExposition(await response.text())
+  })
+
 class Stack extends Context.Tag("test/Metrics/Stack")<
   Stack,
   { readonly gateway: Processes.Gateway; readonly adminKey: string }
@@ -66,6 +79,8 @@ class Stack extends Context.Tag("test/Metrics/Stack")<
                 {
                   name: "small",
                   pricing: { input_per_million_usd: 1, output_per_million_usd: 2 },
+                  // The simulator serves vLLM's queue gauges: the gateway reads them.
+                  queue_metrics: { interval_ms: 100 },
                   backends: [{ id: "small-1", url: url(small) }]
                 },
                 { name: "large", fallbacks: ["small"], backends: [{ id: "large-1", url: url(dead) }] },
@@ -175,8 +190,166 @@ layer(Stack.layer, { excludeTestServices: true, timeout: 60_000 })("metrics", (i
       expect(
         valueOf(samples, "gateway_backend_latency_estimate_seconds", { backend: "small-1", kind: "request" })
       ).toBeGreaterThan(0)
+      // The model server's own queue, only where it is scraped (small-1; not the others).
+      const queue = samples.filter((s) => s.name === "gateway_backend_queue_requests")
+      expect(queue.map((s) => `${s.labels.backend}/${s.labels.state}`).sort()).toEqual([
+        "small-1/running",
+        "small-1/waiting"
+      ])
+      for (const s of queue) expect(s.value).toBeGreaterThanOrEqual(0)
       // And the process itself.
       expect(valueOf(samples, "gateway_process_cpu_seconds_total")).toBeGreaterThan(0)
+    })
+  )
+
+  it.scoped("the event log's writer and projections, against what is in the log", () =>
+    Effect.gen(function* () {
+      const { gateway, adminKey } = yield* Stack
+      const log = yield* EventLog.make(gateway.databaseUrl)
+      const app = yield* Admin.createKey(gateway.url, adminKey, { tenant: "acme", name: "writer" })
+      yield* Effect.forEach(
+        Array.from({ length: 12 }, (_, i) =>
+          chat(gateway.url, app.key, i % 3 === 0 ? "broken" : "small", i % 2 === 0)
+        ),
+        (request) => request,
+        { concurrency: 6, discard: true }
+      )
+      // Every request's events go through the writer; the key's go straight to the store.
+      const requestEvents = Effect.map(
+        log.query<{ n: number }>(`SELECT count(*)::int AS n FROM events WHERE stream_id LIKE 'request-%'`),
+        (rows) => rows[0]?.n ?? 0
+      )
+      const lagOf = (samples: ReadonlyArray<Sample>) =>
+        projections.map((projection) =>
+          samples.find(
+            (s) => s.name === "gateway_projection_lag_events" && s.labels.projection === projection
+          )
+        )
+      // Settled: what was queued without waiting is written, the projections have applied it all.
+      const [samples, written] = yield* Processes.eventually(
+        "the writer's statements add up to the log and no projection is behind",
+        Effect.gen(function* () {
+          const written = yield* requestEvents
+          const samples = yield* scrape(gateway.url, adminKey)
+          const settled =
+            valueOf(samples, "gateway_event_writer_batch_size_sum") === written &&
+            lagOf(samples).every((lag) => lag?.value === 0)
+          return settled ? ([samples, written] as const) : undefined
+        }),
+        "15 seconds"
+      )
+
+      expect(written).toBeGreaterThanOrEqual(12 * 2)
+      const statements = valueOf(samples, "gateway_event_writer_batch_size_count")
+      expect(statements).toBeGreaterThan(0)
+      expect(statements).toBeLessThanOrEqual(written)
+      expect(valueOf(samples, "gateway_event_writer_batch_size_sum")).toBe(written)
+      expect(valueOf(samples, "gateway_event_writer_batch_size_bucket", { le: "+Inf" })).toBe(statements)
+      // One duration per statement, each a real round trip to the database.
+      expect(valueOf(samples, "gateway_event_append_duration_seconds_count")).toBe(statements)
+      expect(valueOf(samples, "gateway_event_append_duration_seconds_sum")).toBeGreaterThan(0)
+      // The database took everything: nothing queued, spooled, failed or refused.
+      const present = (name: string) => samples.some((s) => s.name === name)
+      for (const gauge of [
+        "gateway_event_writer_queue_depth",
+        "gateway_event_spool_bytes",
+        "gateway_event_writer_refusing"
+      ]) {
+        expect(present(gauge), gauge).toBe(true)
+        expect(valueOf(samples, gauge), gauge).toBe(0)
+      }
+      expect(valueOf(samples, "gateway_event_append_failures_total")).toBe(0)
+      expect(valueOf(samples, "gateway_event_spooled_batches_total")).toBe(0)
+      // One lag per projection the gateway runs, and no other.
+      expect(lagOf(samples).map((lag) => lag?.value)).toEqual([0, 0, 0])
+      expect(samples.filter((s) => s.name === "gateway_projection_lag_events")).toHaveLength(
+        projections.length
+      )
+    })
+  )
+})
+
+layer(Layer.empty, { excludeTestServices: true, timeout: 60_000 })("metrics without recording", (it) => {
+  it.scoped("the event log's metrics are there, at zero, and no projection is reported", () =>
+    Effect.gen(function* () {
+      const adminKey = Admin.newAdminKey()
+      const dead = yield* Processes.freePort
+      const gateway = yield* Processes.startGateway(
+        {
+          server: { host: "127.0.0.1" },
+          models: [{ name: "small", backends: [{ id: "small-1", url: `http://127.0.0.1:${dead}` }] }]
+        },
+        { GATEWAY_RECORDING: "off", GATEWAY_AUTH: "off", ADMIN_KEY: adminKey }
+      )
+      const samples = yield* scrape(gateway.url, adminKey)
+      expect(valueOf(samples, "gateway_event_writer_batch_size_count")).toBe(0)
+      expect(valueOf(samples, "gateway_event_append_duration_seconds_count")).toBe(0)
+      for (const gauge of ["gateway_event_spool_bytes", "gateway_event_writer_refusing"]) {
+        expect(
+          samples.some((s) => s.name === gauge),
+          gauge
+        ).toBe(true)
+        expect(valueOf(samples, gauge), gauge).toBe(0)
+      }
+      expect(samples.some((s) => s.name === "gateway_projection_lag_events")).toBe(false)
+    })
+  )
+})
+
+layer(Layer.empty, { excludeTestServices: true, timeout: 90_000 })("metrics with the database away", (it) => {
+  it.scoped("/metrics answers at once, with the spool growing, and the spool back at 0 once drained", () =>
+    Effect.gen(function* () {
+      const sim = yield* Processes.startSim({ model: "small", ttftMs: 5, itlMs: 2, outputTokens: 8, seed: 1 })
+      const databaseUrl = yield* Processes.freshDatabase
+      const server = new URL(Processes.testDatabaseServer)
+      const proxy = yield* TcpProxy.make({ host: server.hostname, port: Number(server.port || 5432) })
+      const proxied = new URL(databaseUrl)
+      proxied.hostname = "127.0.0.1"
+      proxied.port = String(proxy.port)
+      const adminKey = Admin.newAdminKey()
+      const gateway = yield* Processes.startGatewayOn(
+        {
+          server: { host: "127.0.0.1" },
+          models: [{ name: "small", backends: [{ id: "small-1", url: sim.url }] }]
+        },
+        { databaseUrl: proxied.toString(), spoolDir: yield* Processes.tempDir, env: { ADMIN_KEY: adminKey } }
+      )
+      const timedScrape = Effect.gen(function* () {
+        const started = performance.now()
+        const samples = yield* scrape(gateway.url, adminKey)
+        return { samples, ms: performance.now() - started }
+      })
+      const lagSamples = (samples: ReadonlyArray<Sample>) =>
+        samples.filter((s) => s.name === "gateway_projection_lag_events").length
+      yield* Processes.eventually(
+        "every projection's lag read once",
+        Effect.map(scrape(gateway.url, adminKey), (samples) =>
+          lagSamples(samples) === projections.length ? true : undefined
+        ),
+        "10 seconds"
+      )
+
+      yield* proxy.pause
+      for (let i = 0; i < 4; i++) expect((yield* chat(gateway.url, "none", "small")).status).toBe(200)
+      const during = yield* timedScrape
+      expect(during.ms).toBeLessThan(3_000)
+      expect(valueOf(during.samples, "gateway_event_spool_bytes")).toBeGreaterThan(0)
+      expect(valueOf(during.samples, "gateway_event_spooled_batches_total")).toBeGreaterThan(0)
+      expect(
+        valueOf(during.samples, "gateway_event_append_failures_total", { reason: "unavailable" })
+      ).toBeGreaterThan(0)
+      expect(valueOf(during.samples, "gateway_event_writer_refusing")).toBe(0)
+      // The projections' lag cannot be read: the last values read stay.
+      expect(lagSamples(during.samples)).toBe(projections.length)
+
+      yield* proxy.resume
+      yield* Processes.eventually(
+        "the spool drained, as /metrics shows",
+        Effect.map(scrape(gateway.url, adminKey), (samples) =>
+          valueOf(samples, "gateway_event_spool_bytes") === 0 ? true : undefined
+        ),
+        "30 seconds"
+      )
     })
   )
 })

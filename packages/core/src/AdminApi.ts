@@ -1,20 +1,25 @@
 /**
  * The admin routes (`/admin/*`, admin key only): tenants and API keys — create, list, change
  * limits and allowed models, revoke — usage by key, tenant, model and hour from the
- * `usage_hourly` projection, and the rate limiter's status. Answers are JSON in snake_case;
- * errors are in the OpenAI shape like everywhere else.
+ * `usage_hourly` projection, the rate limiter's status, and the dead-letter queue (list, show,
+ * retry one or a filter, discard). Answers are JSON in snake_case; errors are in the OpenAI
+ * shape like everywhere else.
  */
 
 import { type HttpServerRequest, HttpServerResponse } from "@effect/platform"
 import { SqlClient } from "@effect/sql"
-import { Errors, Tenancy } from "@gateway/domain"
+import { DeadLetters, Errors, Tenancy } from "@gateway/domain"
 import { Context, Effect, Either, Layer, ParseResult, Schema } from "effect"
 import { Auth } from "./Auth.js"
+import { ChatCompletions } from "./ChatCompletions.js"
 import type { RequestInfo } from "./CurrentRequest.js"
+import { DeadLetterQueue } from "./DeadLetterQueue.js"
+import * as ErrorResponse from "./ErrorResponse.js"
 import { KeyAdmin } from "./KeyAdmin.js"
 import { type KeyRecord, KeyRegistry, type TenantRecord } from "./KeyRegistry.js"
 import { RateLimiter } from "./RateLimiter.js"
 import * as RequestBody from "./RequestBody.js"
+import * as UsageReport from "./UsageReport.js"
 
 const json = (body: unknown, status = 200) =>
   HttpServerResponse.text(JSON.stringify(body), { status, contentType: "application/json" })
@@ -73,6 +78,68 @@ const KeyPatch = Schema.Struct({
   policy: Schema.optional(Schema.NullOr(Schema.String))
 })
 const RevokeBody = Schema.Struct({ reason: Schema.optional(Schema.String) })
+const DiscardBody = Schema.Struct({ reason: Schema.String.pipe(Schema.minLength(1)) })
+/** `POST /admin/dead-letters/retry`: which letters to retry (at most `maxRetryBatch`). */
+const RetryFilterBody = Schema.Struct({
+  tenant: Schema.optional(Schema.String),
+  model: Schema.optional(Schema.String),
+  reason: Schema.optional(Schema.String),
+  since: Schema.optional(Schema.String),
+  until: Schema.optional(Schema.String),
+  limit: Schema.optional(Schema.Int.pipe(Schema.between(1, DeadLetters.maxRetryBatch)))
+})
+
+const iso = (date: Date | null) => (date === null ? null : date.toISOString())
+
+/** A dead letter as the admin API (and the CLI's `--json`) shows it. */
+export const deadLetterView = (letter: DeadLetters.DeadLetter) => ({
+  id: letter.requestId,
+  object: "dead_letter" as const,
+  tenant: letter.tenantId,
+  key_id: letter.keyId,
+  model: letter.model,
+  status: letter.status,
+  reason: letter.reason,
+  attempts: letter.attempts,
+  last_error: letter.lastError,
+  dead_at: letter.deadAt.toISOString(),
+  retries: letter.retries,
+  last_retry_at: iso(letter.lastRetryAt),
+  last_retry_by: letter.lastRetryBy,
+  last_retry_outcome: letter.lastRetryOutcome,
+  retryable: letter.retryable
+})
+
+/** A retry's outcome as the admin API (and the CLI's `--json`) shows it. */
+export const retryOutcomeView = (outcome: DeadLetters.RetryOutcome) => ({
+  id: outcome.requestId,
+  object: "dead_letter.retry" as const,
+  outcome: outcome.outcome,
+  retry: outcome.retry,
+  status: outcome.status,
+  error: outcome.error
+})
+
+/** The queue's refusals, in the OpenAI error shape. */
+const deadLetterError = (error: DeadLetters.DeadLetterError) => {
+  const [status, code] =
+    error._tag === "DeadLetterNotFound"
+      ? [404, "dead_letter_not_found"]
+      : error._tag === "DeadLetterRetryInProgress"
+        ? [409, "retry_in_progress"]
+        : [409, `not_retryable_${error.reason}`]
+  return ErrorResponse.toResponse({
+    status,
+    body: {
+      error: {
+        message: error.message,
+        type: status === 404 ? "invalid_request_error" : "conflict_error",
+        param: null,
+        code
+      }
+    }
+  })
+}
 
 const decoder = new TextDecoder()
 
@@ -125,9 +192,6 @@ const timeParam = (
     : Either.right(date)
 }
 
-const groupColumns = { tenant: "tenant_id", key: "key_id", model: "model", hour: "hour" } as const
-type Group = keyof typeof groupColumns
-
 export class AdminApi extends Context.Tag("@gateway/core/AdminApi")<
   AdminApi,
   {
@@ -143,6 +207,7 @@ export class AdminApi extends Context.Tag("@gateway/core/AdminApi")<
 
 export const make = Effect.gen(function* () {
   const auth = yield* Auth
+  const queue = yield* DeadLetterQueue
   const admin = yield* KeyAdmin
   const registry = yield* KeyRegistry
   const limiter = yield* RateLimiter
@@ -156,7 +221,7 @@ export const make = Effect.gen(function* () {
         .split(",")
         .map((g) => g.trim())
         .filter((g) => g.length > 0)
-      const unknown = requested.find((g) => !Object.hasOwn(groupColumns, g))
+      const unknown = requested.find((g) => !UsageReport.isGroup(g))
       if (unknown !== undefined) {
         return yield* new Errors.InvalidRequest({
           message: `'group_by' takes tenant, key, model and hour; got '${unknown}'.`,
@@ -164,52 +229,24 @@ export const make = Effect.gen(function* () {
           code: "invalid_value"
         })
       }
-      const groups = Array.from(new Set(requested)) as Array<Group>
-      const columns = groups.map((g) => groupColumns[g])
-      const filters: Array<string> = []
-      const values: Array<unknown> = [from.toISOString(), to.toISOString()]
-      for (const [param, column] of [
-        ["tenant", "tenant_id"],
-        ["key", "key_id"],
-        ["model", "model"]
-      ] as const) {
-        const value = params.get(param)
-        if (value !== null) {
-          values.push(value)
-          filters.push(`AND ${column} = $${values.length}`)
-        }
-      }
-      const select = columns.map((c) => (c === "hour" ? "hour AS hour" : c)).join(", ")
-      const rows = yield* sql
-        .unsafe<Record<string, unknown>>(
-          `SELECT ${select}${columns.length > 0 ? "," : ""}
-             sum(requests)::bigint AS requests, sum(prompt_tokens)::bigint AS prompt_tokens,
-             sum(completion_tokens)::bigint AS completion_tokens, round(coalesce(sum(cost_usd), 0), 9)::text AS cost_usd
-           FROM usage_hourly
-           WHERE hour >= date_trunc('hour', $1::timestamptz) AND hour < $2::timestamptz ${filters.join(" ")}
-           ${columns.length > 0 ? `GROUP BY ${columns.join(", ")} ORDER BY ${columns.join(", ")}` : ""}`,
-          values
-        )
-        .pipe(
-          Effect.mapError(
-            (error) =>
-              new Errors.ServiceUnavailable({ message: `Usage cannot be read right now (${error.message}).` })
-          )
-        )
+      const groups = Array.from(new Set(requested)) as Array<UsageReport.Group>
+      const optional = (name: string) => params.get(name) ?? undefined
+      const rows = yield* UsageReport.read(sql, {
+        from,
+        to,
+        groups,
+        tenant: optional("tenant"),
+        key: optional("key"),
+        model: optional("model")
+      })
       const data = rows.map((row) => {
         const out: Record<string, unknown> = {}
-        for (const g of groups) {
-          const value = row[groupColumns[g]]
-          // Requests made without a key (auth off) are kept under the empty id: shown as null.
-          out[g] = value instanceof Date ? value.toISOString() : value === "" ? null : value
-        }
-        const prompt = Number(row.prompt_tokens ?? 0)
-        const completion = Number(row.completion_tokens ?? 0)
-        out.requests = Number(row.requests ?? 0)
-        out.prompt_tokens = prompt
-        out.completion_tokens = completion
-        out.total_tokens = prompt + completion
-        out.cost_usd = Number(row.cost_usd ?? 0)
+        for (const g of groups) out[g] = g === "hour" ? (row.hour?.toISOString() ?? null) : row[g]
+        out.requests = row.requests
+        out.prompt_tokens = row.promptTokens
+        out.completion_tokens = row.completionTokens
+        out.total_tokens = row.promptTokens + row.completionTokens
+        out.cost_usd = row.costUsd
         return out
       })
       const total = data.reduce(
@@ -240,6 +277,114 @@ export const make = Effect.gen(function* () {
         total: { ...total, cost_usd: Math.round(total.cost_usd * 1e9) / 1e9 }
       })
     })
+
+  /** The query's filter for a dead-letter list (`tenant`, `model`, `reason`, `since`, `until`, `limit`, `cursor`). */
+  const letterFilter = (params: URLSearchParams) =>
+    Effect.gen(function* () {
+      const since = yield* timeParam(params, "since")
+      const until = yield* timeParam(params, "until")
+      const limitText = params.get("limit")
+      const limit = limitText === null ? DeadLetters.defaultLimit : Number(limitText)
+      if (!Number.isInteger(limit) || limit < 1 || limit > DeadLetters.maxLimit) {
+        return yield* new Errors.InvalidRequest({
+          message: `'limit' must be a whole number from 1 to ${DeadLetters.maxLimit}.`,
+          param: "limit",
+          code: "invalid_value"
+        })
+      }
+      const text = (name: string) => {
+        const value = params.get(name)
+        return value === null || value.length === 0 ? undefined : value
+      }
+      const tenant = text("tenant")
+      const model = text("model")
+      const reason = text("reason")
+      const cursor = text("cursor")
+      return {
+        limit,
+        ...(tenant === undefined ? {} : { tenantId: tenant as DeadLetters.DeadLetter["tenantId"] & string }),
+        ...(model === undefined ? {} : { model }),
+        ...(reason === undefined ? {} : { reason }),
+        ...(since === undefined ? {} : { since }),
+        ...(until === undefined ? {} : { until }),
+        ...(cursor === undefined ? {} : { cursor })
+      } satisfies DeadLetters.DeadLetterFilter
+    })
+
+  /** `/admin/dead-letters[/{id}[/retry|/discard]]` and `/admin/dead-letters/retry`. */
+  const deadLetters = (
+    request: HttpServerRequest.HttpServerRequest,
+    method: string,
+    id: string | undefined,
+    action: string | undefined,
+    params: URLSearchParams,
+    by: string,
+    notFound: Effect.Effect<never, Errors.RouteNotFound>
+  ): Effect.Effect<HttpServerResponse.HttpServerResponse, Errors.GatewayError> => {
+    const answer = (
+      effect: Effect.Effect<
+        HttpServerResponse.HttpServerResponse,
+        DeadLetters.DeadLetterError | Errors.GatewayError
+      >
+    ) =>
+      Effect.catchIf(
+        effect,
+        (error): error is DeadLetters.DeadLetterError =>
+          error._tag === "DeadLetterNotFound" ||
+          error._tag === "DeadLetterNotRetryable" ||
+          error._tag === "DeadLetterRetryInProgress",
+        (error) => Effect.succeed(deadLetterError(error))
+      )
+    if (id === undefined) {
+      if (method !== "GET") return notFound
+      return Effect.flatMap(letterFilter(params), (filter) =>
+        Effect.map(queue.list(filter), (page) =>
+          json({ object: "list", data: page.data.map(deadLetterView), next_cursor: page.nextCursor })
+        )
+      )
+    }
+    if (id === "retry" && action === undefined && method === "POST") {
+      return Effect.gen(function* () {
+        const body = yield* bodyOf(request, RetryFilterBody)
+        const query = new URLSearchParams()
+        for (const [name, value] of Object.entries(body)) {
+          if (value !== undefined) query.set(name, String(value))
+        }
+        const filter = yield* letterFilter(query)
+        const batch = yield* queue.retryMatching(filter, by)
+        return json({ object: "list", data: batch.outcomes.map(retryOutcomeView), more: batch.more })
+      })
+    }
+    if (action === "retry" && method === "POST") {
+      return answer(Effect.map(queue.retry(id, by), (outcome) => json(retryOutcomeView(outcome))))
+    }
+    if (action === "discard" && method === "POST") {
+      return answer(
+        Effect.flatMap(bodyOf(request, DiscardBody), (body) =>
+          Effect.map(queue.discard(id, body.reason, by), (letter) =>
+            json({ ...deadLetterView(letter), discarded: true, discard_reason: body.reason })
+          )
+        )
+      )
+    }
+    if (action === undefined && method === "GET") {
+      return answer(
+        Effect.map(queue.get(id), (detail) =>
+          json({
+            ...deadLetterView(detail.letter),
+            events: detail.events.map((e) => ({
+              version: e.version,
+              type: e.type,
+              occurred_at: e.occurredAt,
+              position: e.position,
+              data: e.data
+            }))
+          })
+        )
+      )
+    }
+    return notFound
+  }
 
   const routes = (
     request: HttpServerRequest.HttpServerRequest,
@@ -323,6 +468,8 @@ export const make = Effect.gen(function* () {
         return method === "GET" && id === undefined ? usage(params) : notFound
       case "limiter":
         return method === "GET" && id === undefined ? Effect.map(limiter.status, (s) => json(s)) : notFound
+      case "dead-letters":
+        return deadLetters(request, method, id, action, params, by, notFound)
       default:
         return notFound
     }
@@ -338,11 +485,12 @@ export const make = Effect.gen(function* () {
   })
 })
 
-export const layer: Layer.Layer<
-  AdminApi,
-  never,
-  Auth | KeyAdmin | KeyRegistry | RateLimiter | SqlClient.SqlClient
-> = Layer.effect(AdminApi, make)
+/** The admin API with its dead-letter queue (which runs retries through the chat pipeline). */
+/** The admin API, and its dead-letter queue for the other transports (the RPC API) to share. */
+export const layer = Layer.effect(AdminApi, make).pipe(
+  Layer.provideMerge(DeadLetterQueue.Default),
+  Layer.provide(ChatCompletions.Default)
+)
 
 /** No database, no admin API (a benchmark's baseline). */
 export const layerDisabled: Layer.Layer<AdminApi> = Layer.succeed(

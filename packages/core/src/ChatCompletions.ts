@@ -1,23 +1,29 @@
 /**
  * `POST /v1/chat/completions`: read and validate the body, resolve the model to a replica, make
  * the attempt, and answer with the backend's JSON or forward its SSE stream chunk by chunk.
+ *
+ * The pipeline does not depend on HTTP: `handle` serves it to an HTTP request, `complete` to
+ * any other caller (the RPC API, a dead-letter retry) — the same limits, routing, recording,
+ * attempts and durability rule, with the answer handed back as bytes instead of a response.
  */
+import type { Readable } from "node:stream"
 import { type HttpServerRequest, HttpServerResponse } from "@effect/platform"
-import { Errors, Events, Ids, OpenAi } from "@gateway/domain"
+import { Errors, Events, OpenAi } from "@gateway/domain"
 import { Effect, Either, Exit, ParseResult, Runtime } from "effect"
-import { Auth } from "./Auth.js"
+import { Auth, type Principal } from "./Auth.js"
 import type { RequestInfo } from "./CurrentRequest.js"
 import * as Dispatcher from "./Dispatcher.js"
 import * as ErrorResponse from "./ErrorResponse.js"
 import { Meter } from "./Meter.js"
 import { type Admission, RateLimiter } from "./RateLimiter.js"
-import { Recorder } from "./Recorder.js"
+import { Recorder, type Recording } from "./Recorder.js"
 import * as RequestBody from "./RequestBody.js"
 import { type Decision, Router } from "./Router.js"
 import { Settings } from "./Settings.js"
 import * as SseRelay from "./SseRelay.js"
 import { SseScanner, UsageFilter } from "./SseScanner.js"
 import * as Tokenizer from "./Tokenizer.js"
+import * as Tracing from "./Tracing.js"
 
 const decoder = new TextDecoder()
 
@@ -167,6 +173,81 @@ const noBytes = new Uint8Array(0)
 
 const elapsed = (since: number) => Math.round((performance.now() - since) * 100) / 100
 
+/**
+ * What `complete` answers: a whole JSON answer, or an SSE stream. `headers` are the gateway's
+ * own (`x-ratelimit-*`, `x-gateway-backend`, `x-gateway-model`, `x-gateway-attempts` …), the
+ * same an HTTP client gets, without the transport's (content type, caching).
+ */
+export type Answer =
+  | {
+      readonly _tag: "Whole"
+      /** The backend's status (2xx). */
+      readonly status: number
+      /** The OpenAI `chat.completion` JSON, as the backend sent it. */
+      readonly body: Uint8Array
+      readonly headers: Readonly<Record<string, string>>
+    }
+  | {
+      readonly _tag: "Stream"
+      /**
+       * The SSE bytes exactly as an HTTP client gets them (`data: {chunk}\n\n` … `data: [DONE]`).
+       * Read it to its end: the terminal event is recorded when the backend's answer ends, just
+       * before `[DONE]`. Destroying it early is a client going away: the backend's answer is
+       * drained for its usage and the request is recorded as cancelled.
+       */
+      readonly body: Readable
+      readonly headers: Readonly<Record<string, string>>
+    }
+
+/** Every way the pipeline can fail (what `complete` fails with). */
+export type CompletionError =
+  | Errors.InvalidRequest
+  | Errors.PayloadTooLarge
+  | Errors.ModelNotFound
+  | Errors.Forbidden
+  | Errors.RateLimited
+  | Errors.QuotaExceeded
+  | Errors.BackendError
+  | Errors.ServiceUnavailable
+
+/** Input of `complete`: a chat completion from a caller that is not an HTTP request. */
+export interface CompleteInput {
+  /** Who calls, already authenticated (`undefined` only when auth is off). */
+  readonly principal: Principal | undefined
+  /** The request body: OpenAI `chat.completions` JSON, as bytes. */
+  readonly body: Uint8Array
+  /**
+   * The request's info: `requestId` names its stream, `clientRequestId` is its correlation id,
+   * `startedAt` (`performance.now()`) its start. The pipeline fills in the rest as it goes.
+   */
+  readonly info: RequestInfo
+  /**
+   * Continue this recording instead of starting the stream (`Recorder.resume`, a dead-letter
+   * retry): the stream already has its RequestReceived, so the run records from routing on.
+   */
+  readonly recording?: Recording | undefined
+  /** Why the first attempt is made, on its RequestRouted (when no routing policy decided). */
+  readonly route?: { readonly why: Events.RouteReason; readonly detail: string } | undefined
+}
+
+/** Makes the pipeline's answer: an HTTP response, or an `Answer`. */
+interface Responder<A> {
+  readonly whole: (status: number, body: Uint8Array, headers: Record<string, string>) => A
+  readonly stream: (body: Readable, headers: Record<string, string>) => A
+}
+
+const httpResponse: Responder<HttpServerResponse.HttpServerResponse> = {
+  whole: (status, body, headers) =>
+    HttpServerResponse.uint8Array(body, { status, contentType: "application/json", headers }),
+  stream: (body, headers) =>
+    HttpServerResponse.raw(body, { contentType: "text/event-stream", headers: { ...sseHeaders, ...headers } })
+}
+
+const answer: Responder<Answer> = {
+  whole: (status, body, headers) => ({ _tag: "Whole", status, body, headers }),
+  stream: (body, headers) => ({ _tag: "Stream", body, headers })
+}
+
 export class ChatCompletions extends Effect.Service<ChatCompletions>()("@gateway/core/ChatCompletions", {
   effect: Effect.gen(function* () {
     const router = yield* Router
@@ -180,16 +261,17 @@ export class ChatCompletions extends Effect.Service<ChatCompletions>()("@gateway
     const { defaultMaxTokens } = settings.limits
     const { drainAfterDisconnectMs } = settings.metering
     const counter = Tokenizer.makeCounter()
+    const traced = yield* Tracing.enabled
+    const authSpan = Tracing.spanned(traced, "gateway.auth")
+    const limitSpan = Tracing.spanned(traced, "gateway.limit")
+    const settleSpan = Tracing.spanned(traced, "gateway.settle")
 
-    const handle = (
-      request: HttpServerRequest.HttpServerRequest,
-      info: RequestInfo
-    ): Effect.Effect<HttpServerResponse.HttpServerResponse, Errors.GatewayError> => {
-      // Unauthenticated calls are turned away before anything is read or recorded.
+    /** The caller, noted for the access log; a failure turns the request away unrecorded. */
+    const authenticate = (request: HttpServerRequest.HttpServerRequest, info: RequestInfo) => {
       const caller = auth.authenticate(request.headers)
       if (Either.isLeft(caller)) {
         info.error = caller.left.message
-        return Effect.fail(caller.left)
+        return caller
       }
       const principal = caller.right
       if (principal !== undefined) {
@@ -197,11 +279,56 @@ export class ChatCompletions extends Effect.Service<ChatCompletions>()("@gateway
         info.keyName = principal.keyName
         info.tenantId = principal.tenantId
       }
-      const recording = recorder.start(info.requestId, {
-        correlationId: info.clientRequestId,
-        keyId: principal?.keyId,
-        tenantId: principal?.tenantId
-      })
+      return caller
+    }
+
+    const handle = (
+      request: HttpServerRequest.HttpServerRequest,
+      info: RequestInfo
+    ): Effect.Effect<HttpServerResponse.HttpServerResponse, Errors.GatewayError> => {
+      // Unauthenticated calls are turned away before anything is read or recorded.
+      if (traced) {
+        return Effect.suspend(() => authenticate(request, info)).pipe(
+          authSpan,
+          Effect.flatMap((principal) => serve(request, info, principal))
+        )
+      }
+      // Without a tracer, a client's own trace still reaches the backends.
+      const traceparent = request.headers.traceparent
+      if (traceparent !== undefined && Tracing.isTraceparent(traceparent)) info.traceparent = traceparent
+      const caller = authenticate(request, info)
+      return Either.isLeft(caller) ? Effect.fail(caller.left) : serve(request, info, caller.right)
+    }
+
+    const serve = (
+      request: HttpServerRequest.HttpServerRequest,
+      info: RequestInfo,
+      principal: Principal | undefined
+    ) =>
+      pipeline(RequestBody.read(request, maxBodyBytes), info, principal, undefined, undefined, httpResponse)
+
+    /**
+     * The whole pipeline after authentication: body → route → limits → record → attempts →
+     * answer, the terminal event committed before the caller gets the end. `body` is read only
+     * once the event log accepts requests; `resumed` continues a stream instead of starting one.
+     */
+    const pipeline = <A>(
+      readBody: Effect.Effect<Uint8Array, Errors.PayloadTooLarge | Errors.InvalidRequest>,
+      info: RequestInfo,
+      principal: Principal | undefined,
+      resumed: Recording | undefined,
+      firstRoute: { readonly why: Events.RouteReason; readonly detail: string } | undefined,
+      respond: Responder<A>
+    ): Effect.Effect<A, CompletionError> => {
+      const recording =
+        resumed ??
+        recorder.start(info.requestId, {
+          correlationId: info.clientRequestId,
+          keyId: principal?.keyId,
+          tenantId: principal?.tenantId,
+          traceId: info.traceId,
+          spanId: info.spanId
+        })
       /** The request's hold on its limits; settled on every way out (only the first settle counts). */
       let admission: Admission | undefined
       const cancelledAt = (tokensDelivered: number, afterFirstByte: boolean) => ({
@@ -214,7 +341,7 @@ export class ChatCompletions extends Effect.Service<ChatCompletions>()("@gateway
       return Effect.gen(function* () {
         // Serve nothing that could not be put on the books.
         if (!(yield* recorder.accepting)) return yield* unrecorded()
-        const raw = yield* RequestBody.read(request, maxBodyBytes)
+        const raw = yield* readBody
         const body = yield* Either.flatMap(parseJson(raw), validate)
         const stream = body.stream === true
         info.model = body.model
@@ -237,11 +364,13 @@ export class ChatCompletions extends Effect.Service<ChatCompletions>()("@gateway
               }
             })()
           : nothingUsed
-        admission = yield* limiter.admit(
-          principal,
-          estimate,
-          primary.policy.retry.deadlineMs + primary.timeouts.totalMs + drainAfterDisconnectMs + 30_000
-        )
+        admission = yield* limiter
+          .admit(
+            principal,
+            estimate,
+            primary.policy.retry.deadlineMs + primary.timeouts.totalMs + drainAfterDisconnectMs + 30_000
+          )
+          .pipe(limitSpan)
         const held = admission
         const limitHeaders = held.headers
         /** Settles the reservation to what the answer used. */
@@ -251,20 +380,27 @@ export class ChatCompletions extends Effect.Service<ChatCompletions>()("@gateway
           cost: { amountMicroUsd: number } | null
         ) => held.settle({ tokens: promptTokens + completionTokens, costMicroUsd: cost?.amountMicroUsd ?? 0 })
 
-        yield* recording.record(
-          new Events.RequestReceived(
-            {
-              model: body.model,
-              stream,
-              endpoint: "chat.completions",
-              ...(typeof body.user === "string" ? { user: body.user } : {}),
-              payload: recording.payload(raw, body)
-            },
-            true
-          ),
-          ...(decision === undefined ? none : [classified(decision)]),
-          ...observed.map(classified)
-        )
+        if (resumed === undefined) {
+          yield* recording.record(
+            new Events.RequestReceived(
+              {
+                model: body.model,
+                stream,
+                endpoint: "chat.completions",
+                ...(typeof body.user === "string" ? { user: body.user } : {}),
+                payload: recording.payload(raw, body)
+              },
+              true
+            ),
+            ...(decision === undefined ? none : [classified(decision)]),
+            ...observed.map(classified)
+          )
+        } else {
+          yield* recording.record(
+            ...(decision === undefined ? none : [classified(decision)]),
+            ...observed.map(classified)
+          )
+        }
 
         const outgoing = withUsageRequested(raw, body)
         // Taken before the attempt: from the answer to the relay below there is no yield, so no
@@ -273,7 +409,7 @@ export class ChatCompletions extends Effect.Service<ChatCompletions>()("@gateway
         if (decision?.acted === true) info.tier = decision.classification.tier
         const upstreamFrom = performance.now()
         const committed = yield* dispatcher
-          .dispatch(primary, recording, info, outgoing, routeReason(decision))
+          .dispatch(primary, recording, info, outgoing, routeReason(decision) ?? firstRoute)
           .pipe(
             // A failed request's time went to its backends too, for the gateway's own time.
             Effect.tapError(() =>
@@ -318,6 +454,7 @@ export class ChatCompletions extends Effect.Service<ChatCompletions>()("@gateway
           settle(prompt, completion, cost)
           info.upstreamMs = committedAt - upstreamFrom
           noteUsage(prompt, completion, cost)
+          if (summary.finishReason !== null) info.finishReason = summary.finishReason
           yield* recording
             .finish(
               new Events.RequestCompleted(
@@ -339,13 +476,9 @@ export class ChatCompletions extends Effect.Service<ChatCompletions>()("@gateway
                 true
               )
             )
-            .pipe(Effect.mapError(unrecorded))
+            .pipe(settleSpan, Effect.mapError(unrecorded))
           answerHeaders["x-gateway-overhead-ms"] = String(ownMs())
-          return HttpServerResponse.uint8Array(answer.body, {
-            status: answer.status,
-            contentType: "application/json",
-            headers: answerHeaders
-          })
+          return respond.whole(answer.status, answer.body, answerHeaders)
         }
 
         const scanner = new SseScanner()
@@ -359,6 +492,7 @@ export class ChatCompletions extends Effect.Service<ChatCompletions>()("@gateway
           settle(prompt, completion, cost)
           info.upstreamMs = performance.now() - upstreamFrom
           if (scanned.firstContentAt !== undefined) info.ttftMs = scanned.firstContentAt - info.startedAt
+          if (scanned.finishReason !== null) info.finishReason = scanned.finishReason
           noteUsage(prompt, completion, cost)
           return { promptTokens: prompt, completionTokens: completion, cost }
         }
@@ -401,6 +535,7 @@ export class ChatCompletions extends Effect.Service<ChatCompletions>()("@gateway
                 )
               )
             ),
+            settleSpan,
             Effect.ignore
           )
         }
@@ -444,6 +579,7 @@ export class ChatCompletions extends Effect.Service<ChatCompletions>()("@gateway
                       )
                     ),
                     Effect.as(undefined),
+                    settleSpan,
                     Effect.catchAll((error) => {
                       info.error = `the completed answer could not be recorded: ${error.message}`
                       return Effect.succeed(ErrorResponse.toSseEvent(ErrorResponse.render(unrecorded())))
@@ -489,10 +625,7 @@ export class ChatCompletions extends Effect.Service<ChatCompletions>()("@gateway
           }
         })
         answerHeaders["x-gateway-overhead-ms"] = String(ownMs())
-        return HttpServerResponse.raw(relayed, {
-          contentType: "text/event-stream",
-          headers: { ...sseHeaders, ...answerHeaders }
-        })
+        return respond.stream(relayed, answerHeaders)
       }).pipe(
         // Failed or cut off before an answer: nothing was used, the reservation goes back.
         Effect.onExit((exit) => {
@@ -507,12 +640,36 @@ export class ChatCompletions extends Effect.Service<ChatCompletions>()("@gateway
           return recording.record(
             new Events.RequestRejected({ reason, status, message: body.error.message }, true)
           )
-        }),
-        Effect.withSpan("ChatCompletions.handle")
+        })
       )
     }
 
-    return { handle } as const
+    /**
+     * A chat completion for a caller that is not an HTTP request (the RPC API, a dead-letter
+     * retry), through exactly the pipeline `POST /v1/chat/completions` runs after
+     * authentication: the body is checked against `server.max_body_bytes` and validated, the
+     * model authorized for `principal`, routed, admitted by its limits, recorded on the stream
+     * `request-<info.requestId>` (or on `input.recording`), and attempted with retries and
+     * fallbacks. It succeeds with the answer once an attempt commits — for a whole answer, after
+     * its RequestCompleted is on the books; for a stream, the terminal event is committed before
+     * `[DONE]` comes out of `Answer.body`. It fails with the error an HTTP client would get
+     * (`ErrorResponse.render` gives its status and OpenAI body), every rejection recorded as
+     * RequestRejected and a failure after all attempts as RequestFailed. No access-log line or
+     * request metrics are emitted: those belong to the transport.
+     */
+    const complete = (input: CompleteInput): Effect.Effect<Answer, CompletionError> =>
+      pipeline(
+        input.body.length > maxBodyBytes
+          ? Effect.fail(new Errors.PayloadTooLarge({ limitBytes: maxBodyBytes }))
+          : Effect.succeed(input.body),
+        input.info,
+        input.principal,
+        input.recording,
+        input.route,
+        answer
+      )
+
+    return { handle, complete } as const
   })
 }) {}
 

@@ -35,11 +35,56 @@ export interface RequestInfo {
   rejection?: string
   /** Time to the first token of a stream, ms. */
   ttftMs?: number
+  /** The answer's finish reason (its first choice's), when it completed. */
+  finishReason?: string
   promptTokens?: number
   completionTokens?: number
   costMicroUsd?: number
+  /** The request's span (tracing on): stamped on its events and log lines. */
+  traceId?: string
+  spanId?: string
+  /** The client's own `traceparent`, passed on to backends when the gateway does not trace. */
+  traceparent?: string
   /** Time spent waiting on backends (attempts, backoff, the answer), ms: the rest is the gateway's own. */
   upstreamMs?: number
+}
+
+const ms = (value: number) => Math.round(value * 100) / 100
+
+/**
+ * The request's access-log fields (one `info` line per request, whatever its transport): its ids,
+ * who called, what answered, its status, latency, time to first token and tokens. Never a key.
+ */
+export const accessFields = (
+  info: RequestInfo,
+  request: { readonly method: string; readonly path: string },
+  status: number,
+  latencyMs: number
+): Record<string, unknown> => {
+  const fields: Record<string, unknown> = {
+    request_id: info.requestId,
+    ...(info.clientRequestId === undefined ? {} : { client_request_id: info.clientRequestId }),
+    method: request.method,
+    path: request.path,
+    status,
+    latency_ms: ms(latencyMs)
+  }
+  if (info.tenantId !== undefined) fields.tenant = info.tenantId
+  if (info.keyId !== undefined) fields.key_id = info.keyId
+  if (info.keyName !== undefined) fields.key_name = info.keyName
+  if (info.model !== undefined) fields.model = info.model
+  if (info.requested !== undefined) fields.requested_model = info.requested
+  if (info.tier !== undefined) fields.tier = info.tier
+  if (info.backend !== undefined) fields.backend = info.backend
+  if (info.attempts !== undefined) fields.attempts = info.attempts
+  if (info.stream !== undefined) fields.stream = info.stream
+  if (info.ttftMs !== undefined) fields.ttft_ms = ms(info.ttftMs)
+  if (info.promptTokens !== undefined) fields.prompt_tokens = info.promptTokens
+  if (info.completionTokens !== undefined) fields.completion_tokens = info.completionTokens
+  if (info.finishReason !== undefined) fields.finish_reason = info.finishReason
+  if (info.rejection !== undefined) fields.rejection = info.rejection
+  if (info.error !== undefined) fields.error = info.error
+  return fields
 }
 
 export class CurrentRequest extends Context.Tag("@gateway/core/CurrentRequest")<

@@ -13,7 +13,8 @@ import * as ErrorResponse from "./ErrorResponse.js"
 import type { Recording } from "./Recorder.js"
 import type { Lease, Replica } from "./Replica.js"
 import * as RetryPolicy from "./RetryPolicy.js"
-import { type ChatResponse, Upstream } from "./Upstream.js"
+import * as Tracing from "./Tracing.js"
+import { type ChatRequest, type ChatResponse, Upstream } from "./Upstream.js"
 
 /** The attempt that answers: its answer, replica and lease, and the model it belongs to. */
 export interface Committed {
@@ -32,10 +33,36 @@ export const attemptError = (error: Errors.BackendError): Events.AttemptError =>
   ...(error.status === undefined ? {} : { status: error.status })
 })
 
+const noAttributes: Record<string, unknown> = {}
+
 export class Dispatcher extends Effect.Service<Dispatcher>()("@gateway/core/Dispatcher", {
   effect: Effect.gen(function* () {
     const pool = yield* BackendPool
     const upstream = yield* Upstream
+    const traced = yield* Tracing.enabled
+
+    /**
+     * One call to a backend. Traced, it is a client span whose context the backend receives in
+     * `traceparent`; otherwise the client's own `traceparent` (if any) is passed on as it came.
+     */
+    const call = (
+      request: ChatRequest,
+      info: RequestInfo,
+      attributes: Record<string, unknown>
+    ): Effect.Effect<ChatResponse, Errors.BackendError> =>
+      traced
+        ? Effect.flatMap(Tracing.currentSpan, (span) =>
+            upstream.chat(
+              span !== undefined
+                ? { ...request, traceparent: Tracing.traceparent(span) }
+                : info.traceparent === undefined
+                  ? request
+                  : { ...request, traceparent: info.traceparent }
+            )
+          ).pipe(Tracing.spanned(true, "gateway.attempt", { kind: "client", attributes }))
+        : upstream.chat(
+            info.traceparent === undefined ? request : { ...request, traceparent: info.traceparent }
+          )
 
     /**
      * Makes attempts until one answers: on the requested model's replicas as its balancer picks
@@ -115,18 +142,30 @@ export class Dispatcher extends Effect.Service<Dispatcher>()("@gateway/core/Disp
                 true
               )
             )
-            const result = yield* upstream
-              .chat({
+            const result = yield* call(
+              {
                 requestId: info.requestId,
                 clientRequestId: info.clientRequestId,
                 target: replica.target,
                 body: outgoing.body,
                 raw: outgoing.raw
-              })
-              .pipe(
-                Effect.onInterrupt(() => lease.release),
-                Effect.either
-              )
+              },
+              info,
+              traced
+                ? {
+                    "gen_ai.operation.name": "chat",
+                    "gen_ai.request.model": replica.target.upstreamModel,
+                    "url.full": replica.target.backend.url,
+                    "gateway.backend": replica.target.backend.id,
+                    "gateway.model": target.entry.config.name,
+                    "gateway.attempt": attempt,
+                    "gateway.why": why
+                  }
+                : noAttributes
+            ).pipe(
+              Effect.onInterrupt(() => lease.release),
+              Effect.either
+            )
             if (Either.isRight(result)) {
               if (result.right._tag === "Streaming") lease.firstToken()
               return { answer: result.right, replica, lease, pool: target, attempts: attempt }
@@ -201,7 +240,10 @@ export class Dispatcher extends Effect.Service<Dispatcher>()("@gateway/core/Disp
               true
             )
           )
-          .pipe(Effect.catchAll((e) => Effect.logWarning("could not record a failed request", e.message)))
+          .pipe(
+            Tracing.spanned(traced, "gateway.settle"),
+            Effect.catchAll((e) => Effect.logWarning("could not record a failed request", e.message))
+          )
         return yield* Effect.fail(error)
       })
 

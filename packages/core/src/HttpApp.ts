@@ -6,17 +6,20 @@
 import { HttpServer, HttpServerRequest, HttpServerResponse } from "@effect/platform"
 import { NodeHttpServerRequest } from "@effect/platform-node"
 import { Errors, Ids } from "@gateway/domain"
-import { Cause, Effect, Either, Exit, Layer } from "effect"
+import type * as OtelApi from "@opentelemetry/api"
+import { Cause, Effect, Either, Exit, Layer, type Scope, type Tracer } from "effect"
 import { AdminApi } from "./AdminApi.js"
 import { Auth } from "./Auth.js"
 import { BackendPool } from "./BackendPool.js"
 import { ChatCompletions } from "./ChatCompletions.js"
-import { CurrentRequest, type RequestInfo } from "./CurrentRequest.js"
+import { accessFields, CurrentRequest, type RequestInfo } from "./CurrentRequest.js"
 import * as ErrorResponse from "./ErrorResponse.js"
 import { Metrics } from "./Metrics.js"
 import { Models } from "./Models.js"
 import { Readiness } from "./Readiness.js"
 import type * as Replica from "./Replica.js"
+import * as RpcServer from "./RpcServer.js"
+import * as Tracing from "./Tracing.js"
 
 const json = (body: unknown, status = 200) =>
   HttpServerResponse.text(JSON.stringify(body), { status, contentType: "application/json" })
@@ -73,6 +76,7 @@ export const make = Effect.gen(function* () {
   const metrics = yield* Metrics
   const readiness = yield* Readiness
   const auth = yield* Auth
+  const rpc = yield* RpcServer.RpcServer
   const modelList = json(models.list)
 
   /** The authenticated caller of an API route, noted for the access log. */
@@ -90,7 +94,7 @@ export const make = Effect.gen(function* () {
   const route = (
     request: HttpServerRequest.HttpServerRequest,
     info: RequestInfo
-  ): Effect.Effect<HttpServerResponse.HttpServerResponse, Errors.GatewayError> => {
+  ): Effect.Effect<HttpServerResponse.HttpServerResponse, Errors.GatewayError, Scope.Scope> => {
     const path = pathOf(request.url)
     switch (path) {
       case "/v1/chat/completions":
@@ -138,6 +142,10 @@ export const make = Effect.gen(function* () {
       if (Either.isLeft(caller)) return Effect.fail(caller.left)
       info.keyName = caller.right === "admin" ? "admin" : caller.right
       return Effect.map(pool.status, (replicas) => json({ object: "list", data: replicas.map(backendView) }))
+    }
+    // The internal RPC API authenticates each call itself.
+    if (path === RpcServer.path && request.method === "POST") {
+      return Effect.provideService(rpc.app, HttpServerRequest.HttpServerRequest, request)
     }
     if (path.startsWith("/admin/")) {
       const q = request.url.indexOf("?")
@@ -199,12 +207,39 @@ export const make = Effect.gen(function* () {
 /** Status recorded for a client that went away before the response was complete (as nginx). */
 const CLIENT_CLOSED = 499
 
+/** The request span's GenAI (OpenTelemetry semantic conventions) and gateway attributes. */
+const annotate = (span: Tracer.Span, otel: OtelApi.Span | undefined, info: RequestInfo) => {
+  span.attribute("gateway.request_id", info.requestId)
+  if (info.tenantId !== undefined) span.attribute("gateway.tenant", info.tenantId)
+  if (info.keyName !== undefined) span.attribute("gateway.key_name", info.keyName)
+  if (info.model === undefined) return
+  span.attribute("gen_ai.operation.name", "chat")
+  span.attribute("gen_ai.request.model", info.requested ?? info.model)
+  if (info.backend !== undefined) {
+    span.attribute("gen_ai.response.model", info.model)
+    span.attribute("gateway.backend", info.backend)
+  }
+  if (info.stream !== undefined) span.attribute("gateway.stream", info.stream)
+  if (info.tier !== undefined) span.attribute("gateway.tier", info.tier)
+  if (info.attempts !== undefined) span.attribute("gateway.attempts", info.attempts)
+  if (info.fallbackFrom !== undefined) span.attribute("gateway.fallback_from", info.fallbackFrom)
+  if (info.promptTokens !== undefined) span.attribute("gen_ai.usage.input_tokens", info.promptTokens)
+  if (info.completionTokens !== undefined) span.attribute("gen_ai.usage.output_tokens", info.completionTokens)
+  if (info.finishReason !== undefined)
+    otel?.setAttribute("gen_ai.response.finish_reasons", [info.finishReason])
+  if (info.ttftMs !== undefined) span.attribute("gen_ai.server.time_to_first_token", info.ttftMs / 1000)
+  if (info.costMicroUsd !== undefined) span.attribute("gateway.cost_usd", info.costMicroUsd / 1e6)
+  if (info.rejection !== undefined) span.attribute("gateway.rejection", info.rejection)
+  if (info.error !== undefined) span.attribute("error.type", info.error)
+}
+
 /**
  * Gives each request its info, and logs it (and counts a chat completion in the metrics) after
- * the response has been sent or abandoned.
+ * the response has been sent or abandoned. Traced, the request's span gets its ids (for its
+ * events) and, at the end, what the request turned out to be.
  */
 const withAccessLog =
-  (metrics: Metrics) =>
+  (metrics: Metrics, traced: boolean, sampleRatio: number) =>
   <E, R>(
     app: Effect.Effect<HttpServerResponse.HttpServerResponse, E, R>
   ): Effect.Effect<
@@ -220,7 +255,9 @@ const withAccessLog =
       }
       const chat = request.method === "POST" && isChatPath(request.url)
       if (chat) metrics.started()
-      return app.pipe(
+      let span: Tracer.Span | undefined
+      let otel: OtelApi.Span | undefined
+      const served = app.pipe(
         Effect.provideService(CurrentRequest, info),
         Effect.onExit((exit) => {
           const status = info.clientClosed
@@ -231,28 +268,39 @@ const withAccessLog =
           if (info.clientClosed && info.error === undefined) info.error = "client closed the connection"
           const latencyMs = performance.now() - info.startedAt
           if (chat) metrics.finished(info, status, latencyMs)
-          const fields: Record<string, unknown> = {
-            request_id: info.requestId,
-            ...(info.clientRequestId === undefined ? {} : { client_request_id: info.clientRequestId }),
-            method: request.method,
-            path: pathOf(request.url),
-            status,
-            latency_ms: Math.round(latencyMs * 100) / 100
+          if (span !== undefined) {
+            span.attribute("http.response.status_code", status)
+            annotate(span, otel, info)
           }
-          if (info.tenantId !== undefined) fields.tenant = info.tenantId
-          if (info.keyId !== undefined) fields.key_id = info.keyId
-          if (info.keyName !== undefined) fields.key_name = info.keyName
-          if (info.model !== undefined) fields.model = info.model
-          if (info.backend !== undefined) fields.backend = info.backend
-          if (info.stream !== undefined) fields.stream = info.stream
-          if (info.error !== undefined) fields.error = info.error
+          const fields = accessFields(
+            info,
+            { method: request.method, path: pathOf(request.url) },
+            status,
+            latencyMs
+          )
           const api = fields.path !== "/health" && fields.path !== "/ready"
           return api ? Effect.logInfo("request", fields) : Effect.logDebug("request", fields)
         })
       )
+      if (!traced || !Tracing.traces(request.url)) return served
+      return Tracing.serverSpan(request, sampleRatio, (current) => {
+        if (current === undefined) {
+          // Not sampled: no spans, and the client's own trace (if any) goes on to the backend.
+          const traceparent = request.headers.traceparent
+          if (traceparent !== undefined && Tracing.isTraceparent(traceparent)) info.traceparent = traceparent
+          return served
+        }
+        span = current.span
+        otel = current.otel
+        info.traceId = current.span.traceId
+        info.spanId = current.span.spanId
+        return served
+      })
     })
 
 /** Serves the gateway on whatever `HttpServer` is provided. */
 export const layer = Layer.unwrapEffect(
-  Effect.map(make, ({ app, metrics }) => HttpServer.serve(app, withAccessLog(metrics)))
-).pipe(Layer.provide([ChatCompletions.Default, Readiness.Default]))
+  Effect.map(Effect.all([make, Tracing.enabled, Tracing.SampleRatio]), ([{ app, metrics }, traced, ratio]) =>
+    HttpServer.serve(app, withAccessLog(metrics, traced, ratio))
+  )
+).pipe(Layer.provide([RpcServer.layer.pipe(Layer.provideMerge(ChatCompletions.Default)), Readiness.Default]))

@@ -1,17 +1,31 @@
 /**
- * One flat JSON object per log line on stdout (`{"time","level","msg",...fields}`), so log
+ * One flat JSON object per log line on stdout (`{"time","level","msg",...fields}`, plus
+ * `trace_id` and `span_id` inside a traced span), so log
  * shippers index fields without unwrapping. Fields come from log annotations and from plain
  * objects logged after the message (`Effect.logInfo("request", { status: 200 })`), the cheaper
  * form for the per-request line. Lines written in the same tick go out in one write.
  */
-import { Cause, Effect, HashMap, Layer, Logger, type LogLevel } from "effect"
+import {
+  Cause,
+  Context,
+  Effect,
+  FiberRef,
+  FiberRefs,
+  HashMap,
+  Layer,
+  Logger,
+  type LogLevel,
+  Tracer
+} from "effect"
 
 const isFields = (u: unknown): u is Record<string, unknown> =>
   typeof u === "object" && u !== null && !Array.isArray(u) && Object.getPrototypeOf(u) === Object.prototype
 
+const noSpan = () => undefined
+
 /** Renders one log call as a JSON line (with the newline). */
 export const format = (options: Logger.Logger.Options<unknown>): string => {
-  const { annotations, cause, date, logLevel, message } = options
+  const { annotations, cause, context, date, logLevel, message } = options
   const entry: Record<string, unknown> = {
     time: date.toISOString(),
     level: logLevel.label.toLowerCase(),
@@ -21,6 +35,16 @@ export const format = (options: Logger.Logger.Options<unknown>): string => {
   for (const part of parts) {
     if (isFields(part)) Object.assign(entry, part)
     else entry.msg = entry.msg === "" ? String(part) : `${entry.msg} ${String(part)}`
+  }
+  // Inside a traced span, the line names it (tracing off: there are only no-op spans).
+  const span = Context.getOrElse(
+    FiberRefs.getOrDefault(context, FiberRef.currentContext),
+    Tracer.ParentSpan,
+    noSpan
+  )
+  if (span !== undefined && span.traceId !== "noop") {
+    entry.trace_id = span.traceId
+    entry.span_id = span.spanId
   }
   if (HashMap.size(annotations) > 0)
     for (const [key, value] of HashMap.toEntries(annotations)) entry[key] = value

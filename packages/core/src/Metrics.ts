@@ -3,10 +3,13 @@
  * is over: counts by model, status class, tier, cache outcome and tenant; histograms of latency,
  * time to first token, inter-token latency and the gateway's own overhead; tokens and cost; limit
  * rejections; retries and fallbacks. Each backend replica's health, breaker state, in-flight count
- * and latency estimate are read from the pool at scrape time. Label values are bounded: models
- * and policies from the config (anything else is `other`), tenants from the admin API.
+ * and latency estimate are read from the pool at scrape time. The event log's writer reports each
+ * insert statement; its queue, spool and the projections' lag are read at scrape time. Label values
+ * are bounded: models and policies from the config (anything else is `other`), tenants from the
+ * admin API, projections from the code.
  */
-import { Effect } from "effect"
+import { type EventWriter, ProjectionRunner } from "@gateway/event-store"
+import { Effect, Fiber, Option, Ref, type Scope } from "effect"
 import * as Prom from "prom-client"
 import { BackendPool } from "./BackendPool.js"
 import type { RequestInfo } from "./CurrentRequest.js"
@@ -19,12 +22,28 @@ const itlBuckets = [0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32]
 /** The gateway's own time per request: tens of microseconds to tens of milliseconds. */
 const overheadBuckets = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1]
 
+/** Events per insert statement: up to the writer's 1,000 stream writes, each of one or more events. */
+const batchSizeBuckets = [1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000]
+/** One insert statement: half a millisecond on a quiet database, seconds on one in trouble. */
+const appendBuckets = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5]
+
+/** How long a scrape waits for the projections' lag before showing the last values read. */
+const lagWait = "1 second"
+/** How long a lag read may run on in the background; no other starts meanwhile. */
+const lagGiveUp = "10 seconds"
+
+/** What recording shows at scrape time: its writer's state and the projections' lag. */
+export interface EventLogSource {
+  readonly writer: Effect.Effect<EventWriter.Status>
+  readonly lag: Effect.Effect<ReadonlyArray<ProjectionRunner.Lag>, unknown>
+}
+
 const circuitStates = { closed: 0, open: 1, half_open: 2 } as const
 
 const statusClass = (status: number) => `${Math.floor(status / 100)}xx`
 
 export class Metrics extends Effect.Service<Metrics>()("@gateway/core/Metrics", {
-  effect: Effect.gen(function* () {
+  scoped: Effect.gen(function* () {
     const settings = yield* Settings
     const pool = yield* BackendPool
     const known = new Set<string>([
@@ -135,6 +154,12 @@ export class Metrics extends Effect.Service<Metrics>()("@gateway/core/Metrics", 
       labelNames: [...backendLabels, "kind"] as const,
       registers
     })
+    const backendQueue = new Prom.Gauge({
+      name: "gateway_backend_queue_requests",
+      help: "The model server's own queue, as its /metrics last said (pool.queue_metrics): waiting and running requests.",
+      labelNames: [...backendLabels, "state"] as const,
+      registers
+    })
     const readBackends = Effect.map(pool.status, (replicas) => {
       for (const r of replicas) {
         const labels = { backend: r.id, model: r.model }
@@ -143,8 +168,105 @@ export class Metrics extends Effect.Service<Metrics>()("@gateway/core/Metrics", 
         backendInFlight.set(labels, r.inFlight)
         latencyEstimate.set({ ...labels, kind: "request" }, r.latencyMs / 1000)
         latencyEstimate.set({ ...labels, kind: "ttft" }, r.ttftMs / 1000)
+        // Only replicas whose queue is scraped: an absent series says "unknown", not "empty".
+        if (r.queueWaiting !== null) backendQueue.set({ ...labels, state: "waiting" }, r.queueWaiting)
+        if (r.queueRunning !== null) backendQueue.set({ ...labels, state: "running" }, r.queueRunning)
       }
     })
+
+    // The event log: the writer reports each statement; the rest is read when Prometheus scrapes.
+    const batchSize = new Prom.Histogram({
+      name: "gateway_event_writer_batch_size",
+      help: "Events per insert statement of the event writer (spool drains included).",
+      buckets: batchSizeBuckets,
+      registers
+    })
+    const appendDuration = new Prom.Histogram({
+      name: "gateway_event_append_duration_seconds",
+      help: "Time of one insert statement of the event writer, from sending it to its commit.",
+      buckets: appendBuckets,
+      registers
+    })
+    const appendFailures = new Prom.Counter({
+      name: "gateway_event_append_failures_total",
+      help: "Insert statements of the event writer that failed, by reason (unavailable: the database is away, a retry or the spool follows; rejected: it refused them).",
+      labelNames: ["reason"] as const,
+      registers
+    })
+    const spooledBatches = new Prom.Counter({
+      name: "gateway_event_spooled_batches_total",
+      help: "Batches the event writer put in its local spool because the database was away.",
+      registers
+    })
+    const queueDepth = new Prom.Gauge({
+      name: "gateway_event_writer_queue_depth",
+      help: "Stream writes waiting in the event writer's queue.",
+      registers
+    })
+    const spoolBytes = new Prom.Gauge({
+      name: "gateway_event_spool_bytes",
+      help: "Bytes of events in the local spool, waiting for the database.",
+      registers
+    })
+    const refusing = new Prom.Gauge({
+      name: "gateway_event_writer_refusing",
+      help: "1 while nothing can be made durable (database away, spool unwritable) and requests are refused.",
+      registers
+    })
+    const projectionLag = new Prom.Gauge({
+      name: "gateway_projection_lag_events",
+      help: `Events in the log not yet applied by the projection, whichever replica runs it (exact up to ${ProjectionRunner.lagCountLimit}, estimated beyond).`,
+      labelNames: ["projection"] as const,
+      registers
+    })
+    appendFailures.inc({ reason: "unavailable" }, 0)
+    appendFailures.inc({ reason: "rejected" }, 0)
+    const unavailable = appendFailures.labels({ reason: "unavailable" })
+    const rejected = appendFailures.labels({ reason: "rejected" })
+
+    /** For the event writer (recording provides it): one call per statement or spooled batch. */
+    const eventWriterObserver: EventWriter.Observer = {
+      appended: (events, seconds) => {
+        batchSize.observe(events)
+        appendDuration.observe(seconds)
+      },
+      appendFailed: (reason) => (reason === "Unavailable" ? unavailable : rejected).inc(),
+      spooled: () => spooledBatches.inc()
+    }
+
+    const eventLog = yield* Ref.make(Option.none<EventLogSource>())
+    /** Shows recording's writer and projections on `/metrics` for the lifetime of the caller's scope. */
+    const attachEventLog = (source: EventLogSource): Effect.Effect<void, never, Scope.Scope> =>
+      Effect.acquireRelease(Ref.set(eventLog, Option.some(source)), () => Ref.set(eventLog, Option.none()))
+
+    const scope = yield* Effect.scope
+    const lagReads = yield* Effect.makeSemaphore(1)
+    /** One lag read at a time, in the background; while the database cannot answer, the last values stay. */
+    const refreshLag = (lag: EventLogSource["lag"]) =>
+      lagReads.withPermitsIfAvailable(1)(
+        lag.pipe(
+          Effect.timeout(lagGiveUp),
+          Effect.tap((rows) => {
+            for (const row of rows) projectionLag.set({ projection: row.name }, row.events)
+          }),
+          Effect.exit
+        )
+      )
+    const readEventLog = Effect.flatMap(
+      Ref.get(eventLog),
+      Option.match({
+        onNone: () => Effect.void,
+        onSome: (source) =>
+          Effect.gen(function* () {
+            const status = yield* source.writer
+            queueDepth.set(status.queued)
+            spoolBytes.set(status.spoolBytes)
+            refusing.set(status.refusing ? 1 : 0)
+            const read = yield* Effect.forkIn(refreshLag(source.lag), scope)
+            yield* Fiber.await(read).pipe(Effect.timeout(lagWait), Effect.ignore)
+          })
+      })
+    )
 
     /** A chat completion request began. */
     const started = () => inFlight.inc()
@@ -186,12 +308,19 @@ export class Metrics extends Effect.Service<Metrics>()("@gateway/core/Metrics", 
       if (info.costMicroUsd !== undefined) cost.inc({ model, tenant }, info.costMicroUsd / 1e6)
     }
 
-    /** The exposition text, with the backends read now. */
-    const render = Effect.zipRight(
-      readBackends,
-      Effect.promise(() => registry.metrics())
+    /** The exposition text, with the backends and the event log read now. */
+    const render = readBackends.pipe(
+      Effect.zipRight(readEventLog),
+      Effect.zipRight(Effect.promise(() => registry.metrics()))
     )
 
-    return { started, finished, render, contentType: registry.contentType } as const
+    return {
+      started,
+      finished,
+      render,
+      contentType: registry.contentType,
+      eventWriterObserver,
+      attachEventLog
+    } as const
   })
 }) {}

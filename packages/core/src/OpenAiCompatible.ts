@@ -156,6 +156,7 @@ export const make = (dispatcher: Undici.Dispatcher) => {
       "x-gateway-request-id": request.requestId
     }
     if (Option.isSome(target.apiKey)) headers.authorization = `Bearer ${Redacted.value(target.apiKey.value)}`
+    if (request.traceparent !== undefined) headers.traceparent = request.traceparent
 
     return Effect.async<ChatResponse, Errors.BackendError>((resume, interrupted) => {
       const controller = new AbortController()
@@ -262,7 +263,7 @@ export const make = (dispatcher: Undici.Dispatcher) => {
             resume(Effect.fail(failure(target, controller.signal.reason ?? cause, "request")))
           }
         )
-    }).pipe(Effect.withSpan("Upstream.chat", { attributes: { backend: target.backend.id, stream } }))
+    })
   }
 
   const probe = (

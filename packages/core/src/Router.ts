@@ -12,6 +12,7 @@ import { BackendPool, type ModelPool } from "./BackendPool.js"
 import * as Classifier from "./Classifier.js"
 import * as SecondOpinion from "./SecondOpinion.js"
 import { Settings } from "./Settings.js"
+import * as Tracing from "./Tracing.js"
 import { Upstream } from "./Upstream.js"
 
 const encoder = new TextEncoder()
@@ -149,7 +150,7 @@ export class Router extends Effect.Service<Router>()("@gateway/core/Router", {
      * The route of `body`: its model, or its policy's choice; `ModelNotFound` when it names
      * neither. An Effect because a policy may ask a model for a second opinion.
      */
-    const route = (
+    const routeUntraced = (
       body: OpenAi.ChatCompletionRequest,
       requestId: Ids.RequestId,
       principal?: Principal | undefined
@@ -167,6 +168,42 @@ export class Router extends Effect.Service<Router>()("@gateway/core/Router", {
       })
     }
 
-    return { route } as const
+    /** `route` in a `gateway.route` span, with a `gateway.classify` child when a policy decides. */
+    const routeTraced = (
+      body: OpenAi.ChatCompletionRequest,
+      requestId: Ids.RequestId,
+      principal?: Principal | undefined
+    ): Effect.Effect<Route, Errors.ModelNotFound> => {
+      const routed = Effect.suspend(() => routeUntraced(body, requestId, principal))
+      const classifies = byName.has(body.model) || observers.has(body.model)
+      return (
+        classifies
+          ? routed.pipe(
+              Effect.tap(({ decision }) =>
+                decision === undefined
+                  ? Effect.void
+                  : Effect.annotateCurrentSpan({
+                      "gateway.policy": decision.policy,
+                      "gateway.tier": decision.classification.tier,
+                      "gateway.score": decision.classification.score,
+                      "gateway.acted": decision.acted,
+                      ...(decision.classification.secondOpinion === undefined
+                        ? {}
+                        : { "gateway.second_opinion": decision.classification.secondOpinion })
+                    })
+              ),
+              Tracing.spanned(true, "gateway.classify")
+            )
+          : routed
+      ).pipe(
+        Effect.tap(({ primary }) =>
+          Effect.annotateCurrentSpan({ "gen_ai.request.model": body.model, "gateway.model": primary.name })
+        ),
+        Tracing.spanned(true, "gateway.route")
+      )
+    }
+
+    const traced = yield* Tracing.enabled
+    return { route: traced ? routeTraced : routeUntraced } as const
   })
 }) {}

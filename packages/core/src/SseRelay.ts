@@ -123,7 +123,12 @@ export const relay = (source: Readable, hooks: Hooks): Readable => {
   const finish = (tail: Uint8Array | undefined) => {
     upstreamOver = true
     if (hooks.beforeEnd === undefined) return end(tail)
-    hooks.beforeEnd().then((instead) => end(instead ?? tail))
+    // A hook that could not run (its runtime shut down) must neither hang the stream nor crash the
+    // process: the answer ends without its tail (`[DONE]`), which tells the client it is not whole.
+    hooks.beforeEnd().then(
+      (instead) => end(instead ?? tail),
+      () => end(undefined)
+    )
   }
   source.on("data", (chunk: Buffer) => {
     if (upstreamOver) return
@@ -149,7 +154,7 @@ export const relay = (source: Readable, hooks: Hooks): Readable => {
     if (draining) return stopDraining()
     if (upstreamOver) return
     upstreamOver = true
-    Promise.resolve(hooks.onBreak(cause)).then(end)
+    Promise.resolve(hooks.onBreak(cause)).then(end, () => end(undefined))
   })
   return out
 }

@@ -17,6 +17,8 @@ export interface ChatRequest {
   readonly body: OpenAi.ChatCompletionRequest
   /** The bytes the client sent, forwarded untouched when nothing needs rewriting. */
   readonly raw: Uint8Array
+  /** W3C trace context for the backend: the attempt's span, or the client's own when not tracing. */
+  readonly traceparent?: string | undefined
 }
 
 /** A whole JSON answer (`stream: false`): the bytes to return and the backend's status. */

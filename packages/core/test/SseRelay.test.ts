@@ -45,6 +45,27 @@ describe("SseRelay", () => {
     expect(ends).toBe(1)
   })
 
+  it("ends without [DONE] when the end hook cannot run, instead of hanging", async () => {
+    const source = new PassThrough()
+    const out = SseRelay.relay(source, {
+      onBreak: () => breakEvent,
+      beforeEnd: () => Promise.reject(new Error("the runtime is shutting down"))
+    })
+    const text = collect(out)
+    source.write("data: 1\n\n")
+    source.end("data: [DONE]\n\n")
+    expect(await text).toBe("data: 1\n\n")
+  })
+
+  it("ends cleanly when the break hook cannot run", async () => {
+    const source = new PassThrough()
+    const out = SseRelay.relay(source, { onBreak: () => Promise.reject(new Error("gone")) })
+    const text = collect(out)
+    source.write("data: 1\n\n")
+    source.destroy(new Error("backend broke off"))
+    expect(await text).toBe("data: 1\n\n")
+  })
+
   it("passes each chunk on as soon as it arrives", async () => {
     const source = new PassThrough()
     const out = SseRelay.relay(source, { onBreak: () => breakEvent })

@@ -207,9 +207,18 @@ export class DeadLettered extends Schema.TaggedClass<DeadLettered>()("DeadLetter
   lastError: Schema.String
 }) {}
 
-/** An operator sent a dead-lettered request again; `by` names who. */
+/**
+ * An operator sent a dead-lettered request again; `by` names who. The new run's events follow
+ * on the same stream (RequestRouted, AttemptStarted … RequestCompleted or RequestFailed); it is
+ * appended at the stream's next version, so two concurrent retries cannot both start.
+ */
 export class DeadLetterRetried extends Schema.TaggedClass<DeadLetterRetried>()("DeadLetterRetried", {
-  by: Schema.String
+  by: Schema.String,
+  /** Which retry of the request this is, from 1 (absent in early records). */
+  retry: optional(PositiveInt),
+  /** The failure being retried: its status and reason (absent in early records). */
+  previousStatus: optional(Schema.Int),
+  previousReason: optional(Schema.String)
 }) {}
 
 /** An operator dropped a dead-lettered request for good. */

@@ -241,7 +241,17 @@ export class ServerConfig extends Schema.Class<ServerConfig>("ServerConfig")({
   host: Schema.optionalWith(Schema.String, { default: () => "0.0.0.0" }),
   port: Schema.optionalWith(Schema.Int.pipe(Schema.between(0, 65535)), { default: () => 8080 }),
   /** Larger request bodies are refused with 413 before they are read. */
-  maxBodyBytes: snakeWithDefault("max_body_bytes", PositiveInt, () => 4 * 1024 * 1024)
+  maxBodyBytes: snakeWithDefault("max_body_bytes", PositiveInt, () => 4 * 1024 * 1024),
+  /**
+   * A second port serving only `GET /metrics`, without auth, for Prometheus inside the cluster
+   * (the API port's `/metrics` needs the admin key). Off when absent.
+   */
+  metricsPort: snake("metrics_port", Schema.Int.pipe(Schema.between(0, 65535))),
+  /**
+   * After SIGTERM: how long in-flight requests (streams included) may take to finish before the
+   * gateway closes them and exits. Keep it below the orchestrator's grace period.
+   */
+  shutdownGraceMs: snakeWithDefault("shutdown_grace_ms", PositiveInt, () => 25_000)
 }) {}
 
 /** How requests are recorded in the event log. */

@@ -25,6 +25,8 @@ export interface Options {
 }
 
 export interface Status {
+  /** Stream writes queued and not yet taken by the writer fiber. */
+  readonly queued: number
   /** Bytes of events waiting in the spool (0 when the database is taking writes). */
   readonly spoolBytes: number
   /**
@@ -51,6 +53,33 @@ export class EventWriter extends Context.Tag("@gateway/event-store/EventWriter")
   }
 >() {}
 
+/**
+ * What the writer tells metrics: one call per statement or spooled batch, never per write.
+ * Called on the writer's fiber, so it must return at once and never throw.
+ */
+export interface Observer {
+  /** `events` went into the database in one statement that took `seconds`. */
+  readonly appended: (events: number, seconds: number) => void
+  /** A statement failed (each attempt counts; a retry may still succeed). */
+  readonly appendFailed: (reason: EventStoreError["reason"]) => void
+  /** A batch of `events` went to the spool because the database was away. */
+  readonly spooled: (events: number) => void
+}
+
+const unobserved: Observer = { appended: () => {}, appendFailed: () => {}, spooled: () => {} }
+
+/** The observer the writer reports to; nobody listens unless one is provided. */
+export class CurrentObserver extends Context.Reference<CurrentObserver>()(
+  "@gateway/event-store/EventWriter/CurrentObserver",
+  { defaultValue: (): Observer => unobserved }
+) {}
+
+const eventsIn = (writes: ReadonlyArray<StreamWrite>) => {
+  let n = 0
+  for (const w of writes) n += w.events.length
+  return n
+}
+
 interface Pending {
   readonly write: StreamWrite
   readonly done: Deferred.Deferred<void, EventStoreError | Spool.SpoolError>
@@ -65,6 +94,7 @@ const batchRetry = Schedule.exponential("20 millis").pipe(
 export const make = (options: Options = {}) =>
   Effect.gen(function* () {
     const store = yield* EventStore
+    const observer = yield* CurrentObserver
     const queue = yield* Effect.acquireRelease(
       Queue.bounded<Pending>(options.capacity ?? 10_000),
       Queue.shutdown
@@ -74,6 +104,19 @@ export const make = (options: Options = {}) =>
     const spoolBytes = yield* Ref.make(spool?.bytes() ?? 0)
     const refusing = yield* Ref.make(false)
 
+    /** One statement, reported to the observer: its events and time, or why it failed. */
+    const append = (writes: ReadonlyArray<StreamWrite>) =>
+      Effect.suspend(() => {
+        const began = performance.now()
+        return store.appendBatch(writes).pipe(
+          Effect.tap(() => {
+            const events = eventsIn(writes)
+            if (events > 0) observer.appended(events, (performance.now() - began) / 1000)
+          }),
+          Effect.tapError((error) => Effect.sync(() => observer.appendFailed(error.reason)))
+        )
+      })
+
     const settle = (
       batch: ReadonlyArray<Pending>,
       outcome: Effect.Effect<void, EventStoreError | Spool.SpoolError>
@@ -82,24 +125,28 @@ export const make = (options: Options = {}) =>
         Effect.forEach(batch, (p) => Deferred.done(p.done, exit), { discard: true })
       )
 
-    const toSpool = (batch: ReadonlyArray<Pending>) =>
-      spool === undefined
-        ? Effect.void
-        : settle(
-            batch,
-            spool.append(batch.map((p) => p.write)).pipe(
-              Effect.tap(() => Effect.zipRight(Ref.set(spoolBytes, spool.bytes()), Ref.set(refusing, false))),
-              Effect.tapError((e) =>
-                Effect.zipRight(
-                  Ref.set(refusing, true),
-                  Effect.logError("event spool failed; writes are refused", e.message)
-                )
-              )
+    const toSpool = (batch: ReadonlyArray<Pending>) => {
+      if (spool === undefined) return Effect.void
+      const writes = batch.map((p) => p.write)
+      return settle(
+        batch,
+        spool.append(writes).pipe(
+          Effect.tap(() => {
+            observer.spooled(eventsIn(writes))
+            return Effect.zipRight(Ref.set(spoolBytes, spool.bytes()), Ref.set(refusing, false))
+          }),
+          Effect.tapError((e) =>
+            Effect.zipRight(
+              Ref.set(refusing, true),
+              Effect.logError("event spool failed; writes are refused", e.message)
             )
           )
+        )
+      )
+    }
 
     const commit = (batch: ReadonlyArray<Pending>): Effect.Effect<void> =>
-      store.appendBatch(batch.map((p) => p.write)).pipe(
+      append(batch.map((p) => p.write)).pipe(
         Effect.retry({ schedule: batchRetry, while: (e) => e.reason === "Unavailable" }),
         Effect.matchEffect({
           onSuccess: () => Effect.zipRight(Ref.set(refusing, false), settle(batch, Effect.void)),
@@ -125,7 +172,7 @@ export const make = (options: Options = {}) =>
           const segment = yield* s.oldest()
           if (segment === undefined) break
           for (let i = 0; i < segment.writes.length; i += maxBatch) {
-            yield* store.appendBatch(segment.writes.slice(i, i + maxBatch))
+            yield* append(segment.writes.slice(i, i + maxBatch))
           }
           yield* s.remove(segment.name)
           yield* Ref.set(spoolBytes, s.bytes())
@@ -160,6 +207,13 @@ export const make = (options: Options = {}) =>
       )
     )
 
+    /** Writes in the queue: fibers waiting to take count negative, and a queue shut down holds none. */
+    const queued = () =>
+      Math.max(
+        0,
+        Option.getOrElse(queue.unsafeSize(), () => 0)
+      )
+
     const write = (write: StreamWrite) =>
       Effect.flatMap(Deferred.make<void, EventStoreError | Spool.SpoolError>(), (done) =>
         Effect.as(Queue.offer(queue, { write, done }), Deferred.await(done))
@@ -169,6 +223,7 @@ export const make = (options: Options = {}) =>
       write,
       writeAndWait: (w) => Effect.flatten(write(w)),
       status: Effect.zipWith(Ref.get(spoolBytes), Ref.get(refusing), (bytes, refused) => ({
+        queued: queued(),
         spoolBytes: bytes,
         refusing: refused
       }))

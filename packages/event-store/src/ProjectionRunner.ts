@@ -27,12 +27,27 @@ export interface Status {
   readonly leader: boolean
 }
 
+/** How far a projection is behind the log. */
+export interface Lag {
+  readonly name: string
+  /**
+   * Events committed after its checkpoint: counted exactly up to `lagCountLimit`, estimated from
+   * global positions beyond it.
+   */
+  readonly events: number
+}
+
 export class ProjectionRunner extends Context.Tag("@gateway/event-store/ProjectionRunner")<
   ProjectionRunner,
   {
     readonly status: Effect.Effect<ReadonlyArray<Status>, SqlError.SqlError>
     /** Resolves once every projection has applied the log up to what is committed now. */
     readonly caughtUp: Effect.Effect<void, SqlError.SqlError | EventStoreError>
+    /**
+     * Every projection's lag behind the whole log (whichever replica leads it), read from the
+     * checkpoints; on PostgreSQL the statement gives up after `lagStatementTimeout`.
+     */
+    readonly lag: Effect.Effect<ReadonlyArray<Lag>, SqlError.SqlError>
   }
 >() {}
 
@@ -46,6 +61,12 @@ const restartDelay = "1 second"
 
 /** How often a follower tries to take the lead, and a leader checks its lock connection. */
 const leadershipCheck = "2 seconds"
+
+/** Events behind counted one by one up to here; past it, a count would cost more than it tells. */
+export const lagCountLimit = 100_000
+
+/** What the lag query may take on the server before it is cancelled. */
+export const lagStatementTimeout = "1s"
 
 const lockKey = (name: string) => `gateway.projection.${name}`
 
@@ -169,6 +190,13 @@ export const make = (projections: ReadonlyArray<Projection.Any>, options: Option
                 undefined
               )
               if (row?.locked !== true) return // another replica leads; try again later
+              // The connection goes back to the pool, where a session lock would outlive this lead
+              // and keep every later turn (here or on another replica) from taking it.
+              yield* Effect.addFinalizer(() =>
+                connection
+                  .execute("SELECT pg_advisory_unlock(hashtext($1))", [lockKey(projection.name)], undefined)
+                  .pipe(Effect.timeout("2 seconds"), Effect.ignore)
+              )
               yield* Ref.update(leaders, (s) => new Set(s).add(projection.name))
               yield* Effect.addFinalizer(() =>
                 Ref.update(leaders, (s) => {
@@ -252,7 +280,33 @@ export const make = (projections: ReadonlyArray<Projection.Any>, options: Option
       )
     })
 
-    return ProjectionRunner.of({ status, caughtUp })
+    // Per projection: events after its checkpoint, counted on the (transaction_id, position)
+    // index until the limit; past it, the distance in global positions (gaps make it a little high).
+    const lagQuery = sql.unsafe<{ name: string; events: string }>(
+      `SELECT p.name,
+         (CASE WHEN n.counted < $2 THEN n.counted
+          ELSE greatest(n.counted, (SELECT max(position) FROM events) - coalesce(c.position, 0)) END)::text AS events
+       FROM unnest($1::text[]) AS p(name)
+       LEFT JOIN projection_checkpoints c ON c.name = p.name
+       CROSS JOIN LATERAL (
+         SELECT count(*) AS counted FROM (
+           SELECT 1 FROM events e
+           WHERE (e.transaction_id, e.position) > (coalesce(c.transaction_id, '0'::xid8), coalesce(c.position, 0))
+           LIMIT $2) AS behind
+       ) AS n
+       ORDER BY p.name`,
+      [projections.map((p) => p.name), lagCountLimit]
+    )
+    // PGlite runs one statement at a time and cannot cancel one; PostgreSQL cancels it at the limit.
+    const lag = (
+      database.kind === "embedded"
+        ? lagQuery
+        : sql.withTransaction(
+            Effect.zipRight(sql.unsafe(`SET LOCAL statement_timeout = '${lagStatementTimeout}'`), lagQuery)
+          )
+    ).pipe(Effect.map((rows) => rows.map((r): Lag => ({ name: r.name, events: Number(r.events) }))))
+
+    return ProjectionRunner.of({ status, caughtUp, lag })
   })
 
 export const layer = (projections: ReadonlyArray<Projection.Any>, options: Options = {}) =>

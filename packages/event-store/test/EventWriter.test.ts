@@ -1,6 +1,6 @@
 import { expect, layer } from "@effect/vitest"
 import { Database, EventStore, EventWriter } from "@gateway/event-store"
-import { Effect, Either, Fiber, Layer, Option, Ref } from "effect"
+import { Effect, Either, Fiber, Layer, Option, Ref, Schedule } from "effect"
 import * as TestDatabases from "./support/TestDatabases.js"
 
 const event = (type: string): EventStore.NewEvent => ({
@@ -104,6 +104,113 @@ layer(Writer, { excludeTestServices: true, timeout: 60_000 })("EventWriter", (it
       const durable = yield* Fiber.join(blocked)
       yield* first
       yield* durable
+    })
+  )
+})
+
+/** What the writer told its observer, in order. */
+class Observed extends Effect.Service<Observed>()("test/Observed", {
+  sync: () => {
+    const appended: Array<{ readonly events: number; readonly seconds: number }> = []
+    const failed: Array<string> = []
+    const observer: EventWriter.Observer = {
+      appended: (events, seconds) => void appended.push({ events, seconds }),
+      appendFailed: (reason) => void failed.push(reason),
+      spooled: () => {}
+    }
+    return { appended, failed, observer }
+  }
+}) {}
+
+const ObservedWriter = EventWriter.layer({ capacity: 100, maxBatch: 100 }).pipe(
+  Layer.provide(
+    Layer.effect(
+      EventWriter.CurrentObserver,
+      Effect.map(Observed, (o) => o.observer)
+    )
+  ),
+  Layer.provideMerge(Counted),
+  Layer.provideMerge(Probe.Default),
+  Layer.provideMerge(Observed.Default),
+  Layer.provideMerge(Database.eventStore),
+  Layer.provideMerge(TestDatabases.postgres)
+)
+
+const sum = (ns: ReadonlyArray<number>) => ns.reduce((a, b) => a + b, 0)
+
+const eventually = <A, E, R>(check: Effect.Effect<A, E, R>) =>
+  check.pipe(Effect.retry(Schedule.spaced("20 millis").pipe(Schedule.intersect(Schedule.recurs(250)))))
+
+layer(ObservedWriter, { excludeTestServices: true, timeout: 60_000 })("EventWriter observed", (it) => {
+  it.effect("tells its observer each statement's events and time; the events add up to those written", () =>
+    Effect.gen(function* () {
+      const writer = yield* EventWriter.EventWriter
+      const probe = yield* Probe
+      const { appended } = yield* Observed
+      const [seen, statements] = [appended.length, yield* Ref.get(probe.statements)]
+      const sizes = Array.from({ length: 40 }, (_, i) => 1 + (i % 3))
+      yield* Effect.forEach(
+        sizes,
+        (n) =>
+          writer.writeAndWait({
+            streamId: `request-${crypto.randomUUID()}`,
+            firstVersion: 1,
+            events: Array.from({ length: n }, () => event("E"))
+          }),
+        { concurrency: "unbounded", discard: true }
+      )
+      const observed = appended.slice(seen)
+      // One observation per statement, batches of several writes, every event counted once.
+      expect(observed).toHaveLength((yield* Ref.get(probe.statements)) - statements)
+      expect(observed.length).toBeLessThan(sizes.length)
+      expect(sum(observed.map((o) => o.events))).toBe(sum(sizes))
+      expect(observed.every((o) => o.seconds > 0 && o.seconds < 10)).toBe(true)
+    })
+  )
+
+  it.effect("a statement the database refuses is reported as failed, not as appended", () =>
+    Effect.gen(function* () {
+      const writer = yield* EventWriter.EventWriter
+      const { appended, failed } = yield* Observed
+      const taken = `request-${crypto.randomUUID()}`
+      yield* writer.writeAndWait({ streamId: taken, firstVersion: 1, events: [event("First")] })
+      const [seen, failures] = [appended.length, failed.length]
+      yield* Effect.all(
+        [
+          Effect.either(writer.writeAndWait({ streamId: taken, firstVersion: 1, events: [event("Clash")] })),
+          ...Array.from({ length: 5 }, () =>
+            writer.writeAndWait({
+              streamId: `request-${crypto.randomUUID()}`,
+              firstVersion: 1,
+              events: [event("Fine")]
+            })
+          )
+        ],
+        { concurrency: "unbounded" }
+      )
+      expect(failed.slice(failures).length).toBeGreaterThan(0)
+      expect(failed.slice(failures).every((reason) => reason === "Rejected")).toBe(true)
+      expect(sum(appended.slice(seen).map((o) => o.events))).toBe(5)
+    })
+  )
+
+  it.effect("status counts the writes waiting in its queue", () =>
+    Effect.gen(function* () {
+      const writer = yield* EventWriter.EventWriter
+      const probe = yield* Probe
+      const write = () =>
+        writer.write({ streamId: `request-${crypto.randomUUID()}`, firstVersion: 1, events: [event("Q")] })
+      yield* probe.gate.close
+      // The first is taken by the writer fiber, which the closed gate holds; the rest wait.
+      const durable = [yield* write()]
+      yield* eventually(
+        Effect.flatMap(writer.status, (s) => (s.queued === 0 ? Effect.void : Effect.fail("not taken")))
+      )
+      for (let i = 0; i < 5; i++) durable.push(yield* write())
+      expect((yield* writer.status).queued).toBe(5)
+      yield* probe.gate.open
+      yield* Effect.all(durable, { discard: true })
+      expect(yield* writer.status).toEqual({ queued: 0, spoolBytes: 0, refusing: false })
     })
   )
 })

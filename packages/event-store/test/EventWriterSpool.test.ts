@@ -41,9 +41,33 @@ const Flaky = Layer.effect(
   })
 )
 
+/** What the writer told its observer. */
+class Observed extends Effect.Service<Observed>()("test/Observed", {
+  sync: () => {
+    const appended: Array<number> = []
+    const failed: Array<string> = []
+    const spooled: Array<number> = []
+    const observer: EventWriter.Observer = {
+      appended: (events) => void appended.push(events),
+      appendFailed: (reason) => void failed.push(reason),
+      spooled: (events) => void spooled.push(events)
+    }
+    return { appended, failed, spooled, observer }
+  }
+}) {}
+
+const sum = (ns: ReadonlyArray<number>) => ns.reduce((a, b) => a + b, 0)
+
 const spoolDir = mkdtempSync(join(tmpdir(), "gateway-spool-"))
 
 const Stack = EventWriter.layer({ spoolDir, drainInterval: "50 millis" }).pipe(
+  Layer.provide(
+    Layer.effect(
+      EventWriter.CurrentObserver,
+      Effect.map(Observed, (o) => o.observer)
+    )
+  ),
+  Layer.provideMerge(Observed.Default),
   Layer.provideMerge(Flaky),
   Layer.provideMerge(Outage.Default),
   Layer.provideMerge(Database.eventStore),
@@ -59,6 +83,7 @@ layer(Stack, { excludeTestServices: true, timeout: 60_000 })("EventWriter with t
       const writer = yield* EventWriter.EventWriter
       const { down } = yield* Outage
       const store = yield* EventStore.EventStore
+      const observed = yield* Observed
       const streamId = `request-${crypto.randomUUID()}`
       yield* writer.writeAndWait({ streamId, firstVersion: 1, events: [event("Before")] })
       yield* Ref.set(down, true)
@@ -75,6 +100,11 @@ layer(Stack, { excludeTestServices: true, timeout: 60_000 })("EventWriter with t
       )
       expect((yield* writer.status).spoolBytes).toBeGreaterThan(0)
       expect(readdirSync(spoolDir).length).toBeGreaterThan(0)
+      // The failed statements and the spooled batches were reported; nothing went in meanwhile.
+      expect(observed.failed.length).toBeGreaterThan(0)
+      expect(observed.failed.every((reason) => reason === "Unavailable")).toBe(true)
+      expect(sum(observed.spooled)).toBe(2 + others.length)
+      expect(sum(observed.appended)).toBe(1)
       expect((yield* store.readStream(streamId)).map((e) => e.type)).toEqual(["Before"])
       // Back: spooled events reach the table; what arrives meanwhile waits its turn behind them.
       yield* Ref.set(down, false)
@@ -90,6 +120,9 @@ layer(Stack, { excludeTestServices: true, timeout: 60_000 })("EventWriter with t
       expect(positions.every((p, i) => i === 0 || p > positions[i - 1]!)).toBe(true)
       for (const s of others) expect((yield* store.readStream(s)).length).toBe(1)
       expect(readdirSync(spoolDir)).toEqual([])
+      // Drained or written directly, each event went in by one statement that was reported.
+      expect(sum(observed.appended)).toBe(1 + 2 + others.length + 1)
+      expect((yield* writer.status).spoolBytes).toBe(0)
     })
   )
 })

@@ -1,7 +1,7 @@
 import { SqlClient } from "@effect/sql"
 import { expect, layer } from "@effect/vitest"
 import { Database, EventStore, type Projection, ProjectionRunner } from "@gateway/event-store"
-import { Effect, Layer } from "effect"
+import { Effect, Layer, Schedule } from "effect"
 import * as TestDatabases from "./support/TestDatabases.js"
 
 /** Counts events per type: applied twice, an event would show up twice. */
@@ -31,6 +31,17 @@ const counting: Projection.Projection<Map<string, number>> = {
     )
 }
 
+/** Refuses every batch holding a `Poison` event (its SQL fails), so from there on it stays behind. */
+const stuck: Projection.Projection<boolean> = {
+  name: "test_stuck",
+  tables: [],
+  create: () => Effect.void,
+  empty: () => false,
+  evolve: (poisoned, event) => poisoned || event.type === "Poison",
+  apply: (poisoned) =>
+    poisoned ? Effect.flatMap(SqlClient.SqlClient, (sql) => Effect.asVoid(sql`SELECT 1 / 0`)) : Effect.void
+}
+
 const countsOf = Effect.flatMap(SqlClient.SqlClient, (sql) =>
   sql<{ type: string; n: string }>`SELECT type, n::text AS n FROM test_counts ORDER BY type`.pipe(
     Effect.map((rows) => Object.fromEntries(rows.map((r) => [r.type, Number(r.n)])))
@@ -55,6 +66,21 @@ const withRunner = <A, E, R>(effect: Effect.Effect<A, E, R>) =>
   )
 
 const caughtUp = Effect.flatMap(ProjectionRunner.ProjectionRunner, (runner) => runner.caughtUp)
+
+/** Each projection's lag, by name, as the runner reports it. */
+const lagOf = Effect.flatMap(ProjectionRunner.ProjectionRunner, (runner) => runner.lag).pipe(
+  Effect.map((lags) => Object.fromEntries(lags.map((l) => [l.name, l.events])))
+)
+
+/** Waits (up to 10 s) until the runner reports `expected`. */
+const lagReaches = (expected: Record<string, number>) =>
+  lagOf.pipe(
+    Effect.filterOrFail(
+      (lag) => JSON.stringify(lag) === JSON.stringify(expected),
+      (lag) => `lag ${JSON.stringify(lag)}`
+    ),
+    Effect.retry(Schedule.spaced("50 millis").pipe(Schedule.intersect(Schedule.recurs(200))))
+  )
 
 for (const [name, database] of TestDatabases.all) {
   const Store = Layer.provideMerge(Database.eventStore, database)
@@ -84,6 +110,34 @@ for (const [name, database] of TestDatabases.all) {
         expect(yield* countsOf).toEqual({ Before: 25, Live: 10, WhileStopped: 12 })
       })
     )
+
+    it.effect("reports how many events of the log each projection has not applied", () =>
+      Effect.gen(function* () {
+        yield* caughtUp
+        expect(yield* lagOf).toEqual({ test_counts: 0, test_stuck: 0 })
+        // Ten events in one transaction, the first refused by test_stuck: it stays ten behind.
+        yield* Effect.flatMap(EventStore.EventStore, (store) =>
+          store.appendBatch([
+            {
+              streamId: `request-${crypto.randomUUID()}`,
+              firstVersion: 1,
+              events: ["Poison", ...Array.from({ length: 9 }, () => "After")].map((type) => ({
+                eventId: crypto.randomUUID(),
+                type,
+                data: {},
+                metadata: {}
+              }))
+            }
+          ])
+        )
+        yield* lagReaches({ test_counts: 0, test_stuck: 10 })
+        // Behind the log, not this process's writes: events appended by anyone count.
+        yield* append("Other", 4)
+        yield* lagReaches({ test_counts: 0, test_stuck: 14 })
+      }).pipe(
+        Effect.provide(ProjectionRunner.layer([counting, stuck], { batchSize: 7, pollInterval: "50 millis" }))
+      )
+    )
   })
 }
 
@@ -106,6 +160,27 @@ layer(Layer.provideMerge(Database.eventStore, TestDatabases.postgres), {
       )
       expect(leaders).toHaveLength(1)
       expect(yield* countsOf).toEqual({ A: 30, B: 20 })
+    })
+  )
+
+  it.effect("a runner that stops lets go of its lock, though its connection stays in the pool", () =>
+    Effect.gen(function* () {
+      const sql = yield* SqlClient.SqlClient
+      const advisoryLocks = Effect.map(
+        sql<{ n: number }>`
+          SELECT count(*)::int AS n FROM pg_locks
+          WHERE locktype = 'advisory' AND granted
+            AND database = (SELECT oid FROM pg_database WHERE datname = current_database())`,
+        ([row]) => row?.n ?? 0
+      )
+      yield* append("C", 3)
+      yield* withRunner(
+        Effect.gen(function* () {
+          yield* caughtUp // applied, so led: the lock is held
+          expect(yield* advisoryLocks).toBe(1)
+        })
+      )
+      expect(yield* advisoryLocks).toBe(0)
     })
   )
 })

@@ -1,12 +1,14 @@
 /**
- * What the admin commands (`keys`, `tenants`, `usage`) share: where the gateway is and its admin
- * key, the limit and policy options, and how keys, tenants and limits are printed. The URL and key fall back
- * to `GATEWAY_URL` and `ADMIN_KEY` through `Config`, i.e. the composition root's provider.
+ * What the commands that call a running gateway (`keys`, `tenants`, `usage`, `backends`,
+ * `status`, `dlq`) share: where the gateway is and its admin key, the limit and policy options,
+ * and how keys, tenants and limits are printed. The URL and key fall back to `GATEWAY_URL` and
+ * `ADMIN_KEY` through `Config`, i.e. the composition root's provider.
  */
 import { Command, HelpDoc, Options, ValidationError } from "@effect/cli"
-import type { Tenancy } from "@gateway/domain"
+import type { RpcSchemas } from "@gateway/domain"
 import { Config, Console, Effect, HashMap, Layer, Option, type Redacted } from "effect"
-import * as AdminClient from "./AdminClient.js"
+import type * as AdminViews from "./AdminViews.js"
+import * as Gateway from "./Gateway.js"
 
 export const defaultUrl = "http://127.0.0.1:8080"
 
@@ -31,22 +33,20 @@ export interface ConnectionOptions {
   readonly adminKey: Option.Option<Redacted.Redacted<string>>
 }
 
-/** The admin client for these options; fails, when the command runs, if there is no admin key. */
-export const clientLayer = (
-  options: ConnectionOptions
-): Layer.Layer<AdminClient.AdminClient, AdminClient.AdminError> =>
+/** The gateway's client for these options; fails, when the command runs, if there is no admin key. */
+export const clientLayer = (options: ConnectionOptions): Layer.Layer<Gateway.Gateway, Gateway.GatewayError> =>
   Option.match(options.adminKey, {
     onNone: () =>
       Layer.fail(
-        new AdminClient.AdminError({
+        new Gateway.GatewayError({
           reason: "NoAdminKey",
           message: "no admin key: set ADMIN_KEY or pass --admin-key (the gateway's ADMIN_KEY)."
         })
       ),
-    onSome: (adminKey) => AdminClient.layer({ url: options.url, adminKey })
+    onSome: (adminKey) => Gateway.layer({ url: options.url, adminKey })
   })
 
-/** Gives a command whose options include `connection` its admin client. */
+/** Gives a command whose options include `connection` the gateway's client. */
 export const withClient = <Name extends string, R, E, A extends { readonly connection: ConnectionOptions }>(
   command: Command.Command<Name, R, E, A>
 ) => Command.provide(command, (config: A) => clientLayer(config.connection))
@@ -108,11 +108,11 @@ export const limits = <Clearable extends boolean>(clearable: Clearable) =>
     budgetPeriod
   }).pipe(
     Options.mapEffect(
-      (o): Effect.Effect<Tenancy.LimitsInput | undefined, ValidationError.ValidationError> => {
+      (o): Effect.Effect<RpcSchemas.LimitsChange | undefined, ValidationError.ValidationError> => {
         if (!clearable && Option.isSome(o.budgetPeriod) && Option.isNone(o.budgetUsd)) {
           return invalid("--budget-period needs --budget-usd.")
         }
-        const input: Tenancy.LimitsInput = {
+        const input: RpcSchemas.LimitsChange = {
           ...Option.match(o.rpm, { onNone: () => ({}), onSome: (v) => ({ requests_per_minute: v }) }),
           ...Option.match(o.tpm, { onNone: () => ({}), onSome: (v) => ({ tokens_per_minute: v }) }),
           ...Option.match(o.concurrency, { onNone: () => ({}), onSome: (v) => ({ concurrent_requests: v }) }),
@@ -122,6 +122,19 @@ export const limits = <Clearable extends boolean>(clearable: Clearable) =>
         return Effect.succeed(Object.keys(input).length === 0 ? undefined : input)
       }
     )
+  )
+
+/** `--<name>`: an ISO 8601 date or time, as a `Date`. */
+export const timeOption = (name: string, description: string) =>
+  Options.text(name).pipe(
+    Options.mapEffect((text) => {
+      const time = new Date(text.trim())
+      return Number.isNaN(time.getTime())
+        ? invalid(`--${name} takes an ISO 8601 date or time, got '${text}'.`)
+        : Effect.succeed(time)
+    }),
+    Options.optional,
+    Options.withDescription(description)
   )
 
 /** `--meta k=v` (repeatable), as a record; `undefined` when not given. */
@@ -176,20 +189,20 @@ export const policy = <Clearable extends boolean>(clearable: Clearable, descript
 /** An amount of USD with 2 to 6 decimals (`$12.50`, `$0.00015`). */
 export const usd = (amount: number) => `$${amount.toFixed(6).replace(/(\.\d\d\d*?)0+$/, "$1")}`
 
-export const budgetText = (limits: AdminClient.Limits) =>
+export const budgetText = (limits: AdminViews.Limits) =>
   limits.budget_usd === null ? "-" : `${usd(limits.budget_usd)}/${limits.budget_period ?? "month"}`
 
 const orDash = (n: number | null) => (n === null ? "-" : String(n))
 
 /** The limits' cells in the order rpm, tpm, concurrency, budget; `-` is no limit. */
-export const limitCells = (limits: AdminClient.Limits): ReadonlyArray<string> => [
+export const limitCells = (limits: AdminViews.Limits): ReadonlyArray<string> => [
   orDash(limits.requests_per_minute),
   orDash(limits.tokens_per_minute),
   orDash(limits.concurrent_requests),
   budgetText(limits)
 ]
 
-export const limitsText = (limits: AdminClient.Limits) => {
+export const limitsText = (limits: AdminViews.Limits) => {
   const [rpm, tpm, concurrency, budget] = limitCells(limits)
   return `rpm ${rpm}, tpm ${tpm}, concurrency ${concurrency}, budget ${budget}`
 }
@@ -215,7 +228,7 @@ export const fields = (rows: ReadonlyArray<readonly [string, string]>): Readonly
 }
 
 /** A key's description, without its secret (which the API never shows after creation). */
-export const keyFields = (key: AdminClient.ApiKey): ReadonlyArray<string> =>
+export const keyFields = (key: AdminViews.ApiKey): ReadonlyArray<string> =>
   fields([
     ["id", key.id],
     ["tenant", key.tenant],
@@ -237,7 +250,7 @@ export const keyFields = (key: AdminClient.ApiKey): ReadonlyArray<string> =>
         ])
   ])
 
-export const tenantFields = (tenant: AdminClient.Tenant): ReadonlyArray<string> =>
+export const tenantFields = (tenant: AdminViews.Tenant): ReadonlyArray<string> =>
   fields([
     ["id", tenant.id],
     ["name", tenant.name],

@@ -1,12 +1,14 @@
 /**
  * `backends`: every backend replica as the gateway sees it — health, circuit breaker, load,
- * latency estimates, the backend's own queue and its last error — from `GET /admin/backends`.
+ * latency estimates, the backend's own queue and its last error — from the RPC `Backends.status`.
  * Health and breakers are per gateway replica: the one at `--url` answers for itself.
  */
 import { Command } from "@effect/cli"
 import { Effect } from "effect"
-import { AdminClient, type Backend, type BackendsReport } from "./AdminClient.js"
 import * as AdminOptions from "./AdminOptions.js"
+import type { Backend, BackendsReport } from "./AdminViews.js"
+import * as AdminViews from "./AdminViews.js"
+import * as Gateway from "./Gateway.js"
 import * as TextTable from "./TextTable.js"
 
 const { connection, json, printJson, printLines } = AdminOptions
@@ -78,7 +80,7 @@ export const render = (report: BackendsReport): ReadonlyArray<string> => {
 export const command = AdminOptions.withClient(
   Command.make("backends", { connection, json }, (options) =>
     Effect.gen(function* () {
-      const report = yield* (yield* AdminClient).backends()
+      const report = AdminViews.backends(yield* Gateway.call((client) => client.Backends.status()))
       yield* options.json ? printJson(report) : printLines(render(report))
     })
   ).pipe(

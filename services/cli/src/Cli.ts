@@ -1,9 +1,10 @@
 /**
- * The operator's command tree: `replay`, `events show|tail`, `projections status`, `report
- * savings`, and, through a running gateway's admin API, `keys`, `tenants`, `usage` and `backends`;
- * `classify explain|eval` reads only a config file. Commands that touch the
- * database get it from the layer given to `make`, built only when such a command runs (so `--help`
- * needs no database); the admin commands need no database, only `--url` and `--admin-key`.
+ * The operator's command tree: on the database, `replay`, `events show|tail`, `projections
+ * status` and `report savings`; through a running gateway's internal RPC API (the typed client),
+ * `keys`, `tenants`, `usage`, `backends`, `dlq` and `status`; `classify explain|eval` reads only a config file.
+ * Commands that touch the database get it from the layer given to `make`, built only when such a
+ * command runs (so `--help` needs no database); the gateway's commands need no database, only
+ * `--url` and `--admin-key`.
  */
 import { Args, Command, HelpDoc, Options, ValidationError } from "@effect/cli"
 import type { SqlClient } from "@effect/sql"
@@ -14,6 +15,7 @@ import { Console, Effect, Either, type Layer, Option, type Redacted } from "effe
 import * as AdminOptions from "./AdminOptions.js"
 import * as BackendsCommand from "./BackendsCommand.js"
 import * as ClassifyCommand from "./ClassifyCommand.js"
+import * as DlqCommand from "./DlqCommand.js"
 import * as KeysCommand from "./KeysCommand.js"
 import * as LogCursor from "./LogCursor.js"
 import * as LogTail from "./LogTail.js"
@@ -22,6 +24,7 @@ import * as Replay from "./Replay.js"
 import * as RequestLifecycle from "./RequestLifecycle.js"
 import * as RoutingOptions from "./RoutingOptions.js"
 import * as Savings from "./Savings.js"
+import * as StatusCommand from "./StatusCommand.js"
 import * as TenantsCommand from "./TenantsCommand.js"
 import * as UsageCommand from "./UsageCommand.js"
 
@@ -198,6 +201,8 @@ export const make = <E1, E2>(databases: Databases<E1, E2>) => {
       TenantsCommand.command,
       UsageCommand.command,
       BackendsCommand.command,
+      DlqCommand.command,
+      StatusCommand.command,
       ClassifyCommand.command
     ])
   )
@@ -209,10 +214,11 @@ export const run = <E1, E2>(databases: Databases<E1, E2>) =>
 
 /**
  * What to print on stderr for a failure, if anything: argument errors and differences found
- * by `--verify` were already reported.
+ * by `--verify` and retries that did not complete were already reported.
  */
 export const describeFailure = (error: unknown): Option.Option<string> => {
   if (ValidationError.isValidationError(error)) return Option.none()
   if (error instanceof Replay.DifferencesFound) return Option.none()
+  if (error instanceof DlqCommand.RetriesIncomplete) return Option.none()
   return Option.some(`error: ${error instanceof Error ? error.message : String(error)}`)
 }

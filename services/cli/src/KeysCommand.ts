@@ -1,11 +1,12 @@
 /**
- * `keys create|list|show|revoke|limits`: API keys through the gateway's admin API. The secret of
+ * `keys create|list|show|revoke|limits`: API keys through the gateway's RPC API. The secret of
  * a new key is printed once, when it is created; the gateway keeps only its hash.
  */
 import { Args, Command, HelpDoc, Options, ValidationError } from "@effect/cli"
 import { Effect, Option } from "effect"
-import { AdminClient } from "./AdminClient.js"
 import * as AdminOptions from "./AdminOptions.js"
+import * as AdminViews from "./AdminViews.js"
+import * as Gateway from "./Gateway.js"
 import * as TextTable from "./TextTable.js"
 
 const { connection, json, printJson, printLines } = AdminOptions
@@ -53,16 +54,18 @@ const create = Command.make(
   },
   (options) =>
     Effect.gen(function* () {
-      const client = yield* AdminClient
-      const key = yield* client.createKey({
-        tenant: options.tenant,
-        name: options.name,
-        ...Option.match(options.models, { onNone: () => ({}), onSome: (models) => ({ models }) }),
-        ...(options.limits === undefined ? {} : { limits: options.limits }),
-        ...(options.scopes.length === 0 ? {} : { scopes: Array.from(new Set(options.scopes)) }),
-        ...(options.metadata === undefined ? {} : { metadata: options.metadata }),
-        ...Option.match(options.policy, { onNone: () => ({}), onSome: (policy) => ({ policy }) })
-      })
+      const created = yield* Gateway.call((client) =>
+        client.Keys.create({
+          tenant: options.tenant,
+          name: options.name,
+          ...Option.match(options.models, { onNone: () => ({}), onSome: (models) => ({ models }) }),
+          ...(options.limits === undefined ? {} : { limits: options.limits }),
+          ...(options.scopes.length === 0 ? {} : { scopes: Array.from(new Set(options.scopes)) }),
+          ...(options.metadata === undefined ? {} : { metadata: options.metadata }),
+          ...Option.match(options.policy, { onNone: () => ({}), onSome: (policy) => ({ policy }) })
+        })
+      )
+      const key = AdminViews.createdKey(created)
       yield* options.json ? printJson(key) : printLines(createdLines(key))
     })
 ).pipe(
@@ -99,11 +102,13 @@ const list = Command.make(
   },
   (options) =>
     Effect.gen(function* () {
-      const client = yield* AdminClient
-      const keys = yield* client.listKeys({
-        ...Option.match(options.tenant, { onNone: () => ({}), onSome: (tenant) => ({ tenant }) }),
-        includeRevoked: options.all
-      })
+      const listed = yield* Gateway.call((client) =>
+        client.Keys.list({
+          ...Option.match(options.tenant, { onNone: () => ({}), onSome: (tenant) => ({ tenant }) }),
+          includeRevoked: options.all
+        })
+      )
+      const keys = listed.map(AdminViews.key)
       if (options.json) return yield* printJson({ object: "list", data: keys })
       if (keys.length === 0) {
         return yield* printLines([
@@ -131,7 +136,7 @@ const list = Command.make(
 
 const show = Command.make("show", { connection, id: keyId, json }, (options) =>
   Effect.gen(function* () {
-    const key = yield* (yield* AdminClient).getKey(options.id)
+    const key = AdminViews.key(yield* Gateway.call((client) => client.Keys.get({ id: options.id })))
     yield* options.json ? printJson(key) : printLines(AdminOptions.keyFields(key))
   })
 ).pipe(Command.withDescription("Show one API key."))
@@ -146,8 +151,14 @@ const revoke = Command.make(
   },
   (options) =>
     Effect.gen(function* () {
-      const client = yield* AdminClient
-      const key = yield* client.revokeKey(options.id, Option.getOrUndefined(options.reason))
+      const key = AdminViews.key(
+        yield* Gateway.call((client) =>
+          client.Keys.revoke({
+            id: options.id,
+            ...Option.match(options.reason, { onNone: () => ({}), onSome: (reason) => ({ reason }) })
+          })
+        )
+      )
       if (options.json) return yield* printJson(key)
       yield* printLines([
         `Revoked ${key.id} (${key.name}, tenant ${key.tenant}): every replica refuses it from now on.`,
@@ -188,7 +199,9 @@ const change = Options.all({
 
 const limits = Command.make("limits", { connection, id: keyId, change, json }, (options) =>
   Effect.gen(function* () {
-    const key = yield* (yield* AdminClient).changeKey(options.id, options.change)
+    const key = AdminViews.key(
+      yield* Gateway.call((client) => client.Keys.update({ id: options.id, ...options.change }))
+    )
     yield* options.json ? printJson(key) : printLines(AdminOptions.keyFields(key))
   })
 ).pipe(
@@ -199,7 +212,7 @@ const limits = Command.make("limits", { connection, id: keyId, change, json }, (
 
 export const command = Command.make("keys").pipe(
   Command.withDescription(
-    "Create, list, revoke API keys and change their limits, models and policy (through the gateway's admin API)."
+    "Create, list, revoke API keys and change their limits, models and policy (through the gateway at --url)."
   ),
   Command.withSubcommands([
     AdminOptions.withClient(create),

@@ -41,17 +41,36 @@ const render = (events: ReadonlyArray<EventStore.RecordedEvent>): ReadonlyArray<
     meta.keyId === undefined ? undefined : `key ${meta.keyId}`,
     meta.traceId == null ? undefined : `trace ${meta.traceId}`
   ].filter((part) => part !== undefined)
-  const start = Date.parse(EventFormat.timeOf(first))
-  const typeWidth = Math.max(...events.map((e) => e.type.length))
   return [
     `request ${meta.requestId ?? first.streamId.replace(/^request-/, "")}  (${events.length} event${events.length === 1 ? "" : "s"})`,
     ...(context.length > 0 ? [`  ${context.join("  ")}`] : []),
-    ...events.map((event) => {
-      const time = EventFormat.timeOf(event)
-      const offset = `+${Math.round(Date.parse(time) - start)}ms`
-      return `  v${event.streamVersion}  ${time}  ${offset.padStart(8)}  ${event.type.padEnd(typeWidth)}  ${EventFormat.summarize(event.data)}`
-    })
+    ...eventLines(
+      events.map((event) => ({
+        version: event.streamVersion,
+        time: EventFormat.timeOf(event),
+        type: event.type,
+        data: event.data
+      }))
+    )
   ]
+}
+
+/** A stream's events, one indented line each: version, time, time since the first, type, data. */
+export const eventLines = (
+  events: ReadonlyArray<{
+    readonly version: number
+    readonly time: string
+    readonly type: string
+    readonly data: unknown
+  }>
+): ReadonlyArray<string> => {
+  if (events.length === 0) return []
+  const start = Date.parse(events[0]!.time)
+  const typeWidth = Math.max(...events.map((e) => e.type.length))
+  return events.map((event) => {
+    const offset = `+${Math.round(Date.parse(event.time) - start)}ms`
+    return `  v${event.version}  ${event.time}  ${offset.padStart(8)}  ${event.type.padEnd(typeWidth)}  ${EventFormat.summarize(event.data)}`
+  })
 }
 
 /** The lifecycles of the request `id` (one, or several sharing a client id), as text lines. */

@@ -1,12 +1,13 @@
 /**
  * `tenants list|create|limits`: tenants, their limits (which every key of the tenant shares) and
  * their routing policy (which every key of the tenant without one of its own follows) through the
- * gateway's admin API.
+ * gateway's RPC API.
  */
 import { Args, Command, HelpDoc, Options, ValidationError } from "@effect/cli"
 import { Effect, Option } from "effect"
-import { AdminClient } from "./AdminClient.js"
 import * as AdminOptions from "./AdminOptions.js"
+import * as AdminViews from "./AdminViews.js"
+import * as Gateway from "./Gateway.js"
 import * as TextTable from "./TextTable.js"
 
 const { connection, json, printJson, printLines } = AdminOptions
@@ -17,7 +18,7 @@ const tenantId = Args.text({ name: "tenant-id" }).pipe(
 
 const list = Command.make("list", { connection, json }, (options) =>
   Effect.gen(function* () {
-    const tenants = yield* (yield* AdminClient).listTenants
+    const tenants = (yield* Gateway.call((client) => client.Tenants.list())).map(AdminViews.tenant)
     if (options.json) return yield* printJson({ object: "list", data: tenants })
     if (tenants.length === 0) return yield* printLines(["No tenants."])
     yield* printLines(
@@ -54,13 +55,16 @@ const create = Command.make(
   },
   (options) =>
     Effect.gen(function* () {
-      const tenant = yield* (yield* AdminClient).createTenant({
-        id: options.id,
-        ...Option.match(options.name, { onNone: () => ({}), onSome: (name) => ({ name }) }),
-        ...(options.limits === undefined ? {} : { limits: options.limits }),
-        ...(options.metadata === undefined ? {} : { metadata: options.metadata }),
-        ...Option.match(options.policy, { onNone: () => ({}), onSome: (policy) => ({ policy }) })
-      })
+      const created = yield* Gateway.call((client) =>
+        client.Tenants.create({
+          id: options.id,
+          ...Option.match(options.name, { onNone: () => ({}), onSome: (name) => ({ name }) }),
+          ...(options.limits === undefined ? {} : { limits: options.limits }),
+          ...(options.metadata === undefined ? {} : { metadata: options.metadata }),
+          ...Option.match(options.policy, { onNone: () => ({}), onSome: (policy) => ({ policy }) })
+        })
+      )
+      const tenant = AdminViews.tenant(created)
       yield* options.json ? printJson(tenant) : printLines(AdminOptions.tenantFields(tenant))
     })
 ).pipe(
@@ -100,7 +104,9 @@ const limits = Command.make(
   },
   (options) =>
     Effect.gen(function* () {
-      const tenant = yield* (yield* AdminClient).changeTenant(options.id, options.change)
+      const tenant = AdminViews.tenant(
+        yield* Gateway.call((client) => client.Tenants.update({ id: options.id, ...options.change }))
+      )
       yield* options.json ? printJson(tenant) : printLines(AdminOptions.tenantFields(tenant))
     })
 ).pipe(
@@ -109,7 +115,7 @@ const limits = Command.make(
 
 export const command = Command.make("tenants").pipe(
   Command.withDescription(
-    "List and create tenants and change their limits and policy (through the gateway's admin API)."
+    "List and create tenants and change their limits and policy (through the gateway at --url)."
   ),
   Command.withSubcommands([
     AdminOptions.withClient(list),

@@ -4,8 +4,10 @@
  */
 import { Command, HelpDoc, Options, ValidationError } from "@effect/cli"
 import { Effect, Option } from "effect"
-import { AdminClient, type UsageGroup, type UsageReport, usageGroups } from "./AdminClient.js"
 import * as AdminOptions from "./AdminOptions.js"
+import * as AdminViews from "./AdminViews.js"
+import { type UsageGroup, type UsageReport, usageGroups } from "./AdminViews.js"
+import * as Gateway from "./Gateway.js"
 import * as TextTable from "./TextTable.js"
 
 const { connection, json, printJson, printLines } = AdminOptions
@@ -75,8 +77,14 @@ export const command = AdminOptions.withClient(
     "usage",
     {
       connection,
-      from: text("from", "From this ISO 8601 date or time (its hour); 30 days ago by default."),
-      to: text("to", "Up to this ISO 8601 date or time (exclusive); the next hour by default."),
+      from: AdminOptions.timeOption(
+        "from",
+        "From this ISO 8601 date or time (its hour); 30 days ago by default."
+      ),
+      to: AdminOptions.timeOption(
+        "to",
+        "Up to this ISO 8601 date or time (exclusive); the next hour by default."
+      ),
       by: groupBy,
       tenant: text("tenant", "Only this tenant."),
       key: text("key", "Only this key (its id)."),
@@ -85,16 +93,19 @@ export const command = AdminOptions.withClient(
     },
     (options) =>
       Effect.gen(function* () {
-        const optional = <K extends string>(key: K, value: Option.Option<string>) =>
-          Option.match(value, { onNone: () => ({}), onSome: (v) => ({ [key]: v }) as { [P in K]: string } })
-        const report = yield* (yield* AdminClient).usage({
-          ...optional("from", options.from),
-          ...optional("to", options.to),
-          ...optional("tenant", options.tenant),
-          ...optional("key", options.key),
-          ...optional("model", options.model),
-          ...Option.match(options.by, { onNone: () => ({}), onSome: (groupBy) => ({ groupBy }) })
-        })
+        const optional = <K extends string, V>(key: K, value: Option.Option<V>) =>
+          Option.match(value, { onNone: () => ({}), onSome: (v) => ({ [key]: v }) as { [P in K]: V } })
+        const answer = yield* Gateway.call((client) =>
+          client.Usage.query({
+            ...optional("from", options.from),
+            ...optional("to", options.to),
+            ...optional("tenant", options.tenant),
+            ...optional("key", options.key),
+            ...optional("model", options.model),
+            ...optional("groupBy", options.by)
+          })
+        )
+        const report = AdminViews.usage(answer)
         yield* options.json ? printJson(report) : printLines(render(report))
       })
   ).pipe(

@@ -6,6 +6,8 @@
  *   pnpm cli events show <request-id>      pnpm cli events tail [--from …]
  *   pnpm cli projections status         pnpm cli report savings [--from …] [--to …]
  *   pnpm cli classify explain "<prompt>"  pnpm cli classify eval <file.jsonl>
+ *   through a running gateway (GATEWAY_URL, ADMIN_KEY): keys, tenants, usage, backends, status,
+ *   dlq list|show|retry|discard
  *
  * Against the embedded PGlite, stop the gateway first: one data directory, one process.
  */

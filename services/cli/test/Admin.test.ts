@@ -1,5 +1,6 @@
 /**
- * The admin commands (`keys`, `tenants`, `usage`) as an operator runs them: the real CLI process
+ * The admin commands (`keys`, `tenants`, `usage`, `status`) as an operator runs them, through the
+ * gateway's RPC API: the real CLI process
  * against a real gateway (keys on, an admin key of its own, two routing policies) in front of the
  * simulator. A key created by the CLI works at once, its new limit is enforced at once, its
  * revocation refuses it, and its requests show in `usage`; keys and tenants are bound to a
@@ -9,11 +10,12 @@
 import { execFile } from "node:child_process"
 import { fileURLToPath } from "node:url"
 import { expect, layer } from "@effect/vitest"
-import { Context, Effect, Layer, Redacted, Schema } from "effect"
+import { Context, Effect, Layer, Redacted } from "effect"
 import { messages, postChat } from "../../../test/support/Http.js"
 import * as Processes from "../../../test/support/Processes.js"
-import * as AdminClient from "../src/AdminClient.js"
 import * as AdminOptions from "../src/AdminOptions.js"
+import type * as AdminViews from "../src/AdminViews.js"
+import * as Gateway from "../src/Gateway.js"
 import * as UsageCommand from "../src/UsageCommand.js"
 
 const root = fileURLToPath(new URL("../../../", import.meta.url))
@@ -337,34 +339,67 @@ layer(Stack.layer, { excludeTestServices: true })("CLI admin commands", (it) => 
     { timeout: 120_000 }
   )
 
-  it("keys and tenants from a gateway that predates policy bindings decode (no policy: none)", () => {
-    const key = Schema.decodeUnknownSync(AdminClient.ApiKey)({
+  it.effect(
+    "status: the gateway's projections (position, lag, leader, last error) and its backends' health",
+    () =>
+      Effect.gen(function* () {
+        const [table, asJson] = yield* Effect.all([operator("status"), operator("status", "--json")], {
+          concurrency: "unbounded"
+        })
+        const lines = succeeded(table).trimEnd().split("\n")
+        expect(lines[0]).toMatch(/^PROJECTION\s+POSITION\s+APPLIED\s+LAG\s+LEADER\s+LAST ERROR$/)
+        for (const name of ["dead_letters", "request_log", "usage_hourly"]) {
+          expect(lines.find((line) => line.startsWith(`${name} `))).toMatch(
+            new RegExp(`^${name}\\s+\\d+\\s+\\d+\\s+(\\d+|\\?)\\s+this replica\\s+-$`)
+          )
+        }
+        expect(lines.at(-1)).toBe(
+          "backends: 1 replica, 1 healthy, 0 ejected, 0 with the circuit open (details: backends)"
+        )
+        const status = JSON.parse(succeeded(asJson))
+        expect(status.object).toBe("status")
+        expect(status.projections.map((p: { name: string }) => p.name).sort()).toEqual([
+          "dead_letters",
+          "request_log",
+          "usage_hourly"
+        ])
+        expect(status.projections[0]).toMatchObject({ leader: true, last_error: null })
+        expect(status.backends).toEqual({ total: 1, healthy: 1, ejected: 0, circuit_open: 0 })
+      }),
+    { timeout: 60_000, concurrent: true }
+  )
+
+  it("a key and a tenant bound to no policy: shown as '-'", () => {
+    const limits = {
+      requests_per_minute: null,
+      tokens_per_minute: null,
+      concurrent_requests: null,
+      budget_usd: null,
+      budget_period: null
+    }
+    const created_at = "2026-11-21T00:00:00.000Z"
+    const key: AdminViews.ApiKey = {
       id: "key_1",
       object: "api_key",
       tenant: "t",
       name: "n",
       prefix: "gw-abcd",
       models: null,
-      limits: {
-        requests_per_minute: null,
-        tokens_per_minute: null,
-        concurrent_requests: null,
-        budget_usd: null,
-        budget_period: null
-      },
+      limits,
       scopes: [],
-      created_at: "2026-11-21T00:00:00.000Z",
+      policy: null,
+      created_at,
       revoked_at: null,
       revoked_reason: null
-    })
-    expect(key.policy).toBeUndefined()
-    const tenant = Schema.decodeUnknownSync(AdminClient.Tenant)({
+    }
+    const tenant: AdminViews.Tenant = {
       id: "t",
       object: "tenant",
       name: "t",
-      limits: key.limits,
-      created_at: "2026-11-21T00:00:00.000Z"
-    })
+      limits,
+      policy: null,
+      created_at
+    }
     expect(AdminOptions.keyFields(key)).toContain("policy    -")
     expect(AdminOptions.tenantFields(tenant)).toContain("policy    -")
   })
@@ -391,19 +426,30 @@ layer(Stack.layer, { excludeTestServices: true })("CLI admin commands", (it) => 
         expect(missing.stderr.trim()).toBe(
           "error: no admin key: set ADMIN_KEY or pass --admin-key (the gateway's ADMIN_KEY)."
         )
-        // Nothing listening: the client's error names the URL (in this process: one CLI process
-        // fewer, and the CLI prints any error's message the same way).
-        const unreachable = yield* AdminClient.AdminClient.pipe(
-          Effect.flatMap((client) => client.listKeys({})),
-          Effect.provide(
-            AdminClient.layer({ url: `http://127.0.0.1:${unused}/`, adminKey: Redacted.make(adminKey) })
-          ),
-          Effect.flip
-        )
+        // Nothing listening, or something that is not the gateway's RPC API (the simulator): the
+        // client's error names the URL (in this process: fewer CLI processes, and the CLI prints
+        // any error's message the same way).
+        const { sim } = yield* Stack
+        const callAt = (url: string) =>
+          Gateway.call((client) => client.Keys.list({})).pipe(
+            Effect.provide(Gateway.layer({ url, adminKey: Redacted.make(adminKey) })),
+            Effect.flip
+          )
+        const [unreachable, notTheApi] = yield* Effect.all([
+          callAt(`http://127.0.0.1:${unused}/`),
+          callAt(sim.url)
+        ])
         expect(unreachable).toMatchObject({
+          _tag: "GatewayError",
           reason: "Unreachable",
           message: `cannot reach the gateway at http://127.0.0.1:${unused}: connection refused (is the gateway running there? set --url or GATEWAY_URL)`
         })
+        expect(notTheApi).toMatchObject({ _tag: "GatewayError", reason: "Unreachable" })
+        expect(notTheApi.message).toMatch(
+          new RegExp(
+            `^the gateway at ${sim.url} answered HTTP 404 at /rpc \\(is it a gateway with the internal RPC API\\?\\)$`
+          )
+        )
       }),
     { timeout: 60_000, concurrent: true }
   )

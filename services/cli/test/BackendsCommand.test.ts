@@ -10,7 +10,7 @@ import { describe, expect, it, layer } from "@effect/vitest"
 import { Context, Effect, Layer } from "effect"
 import { messages, postChat } from "../../../test/support/Http.js"
 import * as Processes from "../../../test/support/Processes.js"
-import type { Backend } from "../src/AdminClient.js"
+import type { Backend } from "../src/AdminViews.js"
 import * as BackendsCommand from "../src/BackendsCommand.js"
 
 const replica = (overrides: Partial<Backend> & Pick<Backend, "id">): Backend => ({

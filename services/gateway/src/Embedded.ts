@@ -3,9 +3,8 @@
  * loopback backend of the bundled config, started in this process before the gateway, and a
  * banner saying what runs and how to call it.
  */
-import { NodeContext } from "@effect/platform-node"
 import { BackendSim } from "@gateway/backend-sim"
-import { ConfigLoader } from "@gateway/core"
+import type { GatewayConfig } from "@gateway/domain"
 import { Console, Effect, Layer } from "effect"
 import * as Gateway from "./Gateway.js"
 
@@ -61,15 +60,17 @@ const banner = (
   ].join("\n")
 }
 
-/** Simulators for the config's loopback backends, then `gateway`, then the banner. */
+/**
+ * Simulators for the config's loopback backends, then `gateway`, then the banner. The simulators
+ * close after the gateway has: a shutdown drains the answers they are streaming first.
+ */
 export const layer = <E, R>(
-  options: Gateway.Options,
+  config: GatewayConfig.GatewayConfig,
   gateway: Layer.Layer<Gateway.DevAccess, E, R>,
   generatedAdminKey: string | undefined
 ) =>
   Layer.unwrapScoped(
     Effect.gen(function* () {
-      const config = yield* ConfigLoader.load(options.configPath)
       const sims: Array<string> = []
       for (const model of config.models) {
         for (const backend of model.backends) {
@@ -84,14 +85,12 @@ export const layer = <E, R>(
           sims.push(`${backend.id} (${model.name}) at ${sim.url}`)
         }
       }
-      const port = options.port ?? config.server.port
-      const host = options.host ?? config.server.host
       const announce = Layer.effectDiscard(
         Effect.flatMap(Gateway.DevAccess, (access) =>
           Console.log(
             banner(
-              port,
-              host,
+              config.server.port,
+              config.server.host,
               config.models.map((m) => m.name),
               sims,
               access,
@@ -102,4 +101,4 @@ export const layer = <E, R>(
       )
       return Layer.provideMerge(announce, gateway)
     })
-  ).pipe(Layer.provide(NodeContext.layer))
+  )

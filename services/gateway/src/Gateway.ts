@@ -2,9 +2,10 @@
  * The gateway process's composition root: config file, logging, the HTTP server and the
  * services behind it. Environment variables are read here and nowhere else.
  */
-import { createServer, type IncomingMessage, type Server } from "node:http"
+import { createServer, type IncomingMessage, type Server, type ServerResponse } from "node:http"
 import type { Socket } from "node:net"
 import { hostname } from "node:os"
+import { HttpServerRequest, HttpServerResponse } from "@effect/platform"
 import { NodeContext, NodeHttpServer } from "@effect/platform-node"
 import {
   AdminApi,
@@ -31,7 +32,19 @@ import {
   Tracing
 } from "@gateway/core"
 import { GatewayConfig, Ids } from "@gateway/domain"
-import { Config, ConfigError, Context, Effect, Either, Layer, LogLevel, Option, Redacted } from "effect"
+import {
+  Config,
+  ConfigError,
+  Context,
+  Data,
+  Effect,
+  Either,
+  Layer,
+  LogLevel,
+  Option,
+  Redacted,
+  Schedule
+} from "effect"
 
 /** How the process was asked to run (from the environment, or from a test). */
 export interface Options {
@@ -52,9 +65,18 @@ export interface Options {
   readonly devKey?: boolean | undefined
   /** Names this instance on the backend events it records (`GATEWAY_ID`, else host:pid). */
   readonly gatewayId?: string | undefined
+  /**
+   * Export traces over OTLP/HTTP (set when `OTEL_EXPORTER_OTLP_ENDPOINT` or
+   * `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` is, unless `OTEL_SDK_DISABLED=true`); spans are off otherwise.
+   */
+  readonly tracing?: { readonly serviceName: string; readonly sampleRatio?: number | undefined } | undefined
+  /** Overrides `server.shutdown_grace_ms` from the config file (`SHUTDOWN_GRACE_MS`). */
+  readonly shutdownGraceMs?: number | undefined
+  /** Overrides `server.metrics_port` from the config file (`METRICS_PORT`). */
+  readonly metricsPort?: number | undefined
 }
 
-/** The options from `GATEWAY_CONFIG`, `PORT` and `HOST`. */
+/** The options from `GATEWAY_CONFIG`, `PORT`, `HOST` and the other variables named above. */
 export const optionsFromEnv = (defaultConfigPath: string) =>
   Effect.gen(function* () {
     const configPath = yield* Config.string("GATEWAY_CONFIG").pipe(Config.withDefault(defaultConfigPath))
@@ -65,7 +87,34 @@ export const optionsFromEnv = (defaultConfigPath: string) =>
     const adminKey = yield* Config.redacted("ADMIN_KEY").pipe(Config.option)
     const redisUrl = yield* Config.redacted("REDIS_URL").pipe(Config.option)
     const gatewayId = yield* Config.string("GATEWAY_ID").pipe(Config.option)
+    const otlpEndpoint = yield* Config.string("OTEL_EXPORTER_OTLP_ENDPOINT").pipe(
+      Config.orElse(() => Config.string("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")),
+      Config.option
+    )
+    const otelDisabled = yield* Config.boolean("OTEL_SDK_DISABLED").pipe(Config.withDefault(false))
+    const serviceName = yield* Config.string("OTEL_SERVICE_NAME").pipe(Config.withDefault("llm-gateway"))
+    // The standard sampler variables, as far as they apply: requests are traced at this ratio.
+    const sampler = yield* Config.string("OTEL_TRACES_SAMPLER").pipe(Config.option)
+    const samplerArg = yield* Config.number("OTEL_TRACES_SAMPLER_ARG").pipe(
+      Config.validate({ message: "expected a ratio between 0 and 1", validation: (r) => r >= 0 && r <= 1 }),
+      Config.option
+    )
+    const sampleRatio = Option.match(sampler, {
+      onNone: () => 1,
+      onSome: (name) =>
+        name === "always_off" || name === "parentbased_always_off"
+          ? 0
+          : name.endsWith("traceidratio")
+            ? Option.getOrElse(samplerArg, () => 1)
+            : 1
+    })
+    const shutdownGraceMs = yield* Config.integer("SHUTDOWN_GRACE_MS").pipe(
+      Config.validate({ message: "expected a positive number of milliseconds", validation: (ms) => ms >= 1 }),
+      Config.option
+    )
+    const metricsPort = yield* Config.port("METRICS_PORT").pipe(Config.option)
     return {
+      tracing: Option.isSome(otlpEndpoint) && !otelDisabled ? { serviceName, sampleRatio } : undefined,
       gatewayId: Option.getOrUndefined(gatewayId),
       configPath,
       port: Option.getOrUndefined(port),
@@ -73,7 +122,9 @@ export const optionsFromEnv = (defaultConfigPath: string) =>
       recording: recording === "on",
       auth: auth === "on",
       adminKey: Option.getOrUndefined(adminKey),
-      redisUrl: Option.getOrUndefined(redisUrl)
+      redisUrl: Option.getOrUndefined(redisUrl),
+      shutdownGraceMs: Option.getOrUndefined(shutdownGraceMs),
+      metricsPort: Option.getOrUndefined(metricsPort)
     } satisfies Options
   })
 
@@ -125,37 +176,197 @@ const closingUnusedConnections = (s: Server): Server => {
   return s
 }
 
+/**
+ * Counts the requests in flight on a node server (one listener per response), for a graceful
+ * shutdown to wait for them. While draining, an answer closes its connection after it.
+ */
+class InFlight {
+  count = 0
+  draining = false
+  private waiter: (() => void) | undefined
+
+  constructor(server: Server) {
+    const closed = () => {
+      this.count--
+      if (this.count === 0) this.waiter?.()
+    }
+    server.on("request", (_request: IncomingMessage, response: ServerResponse) => {
+      this.count++
+      if (this.draining) response.setHeader("connection", "close")
+      response.on("close", closed)
+    })
+  }
+
+  /** Completes once no request is in flight. */
+  readonly idle: Effect.Effect<void> = Effect.async((resume) => {
+    if (this.count === 0) return resume(Effect.void)
+    this.waiter = () => {
+      this.waiter = undefined
+      resume(Effect.void)
+    }
+    return Effect.sync(() => {
+      this.waiter = undefined
+    })
+  })
+}
+
+/** The API port's node server and its requests in flight, for the graceful shutdown. */
+class ApiServer extends Context.Tag("@gateway/gateway/ApiServer")<
+  ApiServer,
+  { readonly server: Server; readonly requests: InFlight }
+>() {}
+
 const server = Layer.unwrapEffect(
   Effect.gen(function* () {
     const settings = yield* Settings.Settings
-    return NodeHttpServer.layer(
-      () => {
-        const s = createServer({ keepAliveTimeout: 65_000 })
-        s.headersTimeout = 66_000
-        return closingUnusedConnections(s)
-      },
-      { port: settings.server.port, host: settings.server.host }
+    const s = createServer({ keepAliveTimeout: 65_000 })
+    s.headersTimeout = 66_000
+    const api = { server: closingUnusedConnections(s), requests: new InFlight(s) }
+    return Layer.merge(
+      NodeHttpServer.layer(() => api.server, { port: settings.server.port, host: settings.server.host }),
+      Layer.succeed(ApiServer, api)
     )
   })
 )
 
-/** The config file with the process's own overrides (`PORT`, `HOST`) applied. */
-const settings = (options: Options) =>
-  Layer.effect(
-    Settings.Settings,
-    Effect.map(ConfigLoader.load(options.configPath), (config) =>
-      options.port === undefined && options.host === undefined
-        ? config
-        : GatewayConfig.GatewayConfig.make({
-            ...config,
-            server: GatewayConfig.ServerConfig.make({
-              ...config.server,
-              port: options.port ?? config.server.port,
-              host: options.host ?? config.server.host
-            })
-          })
+/**
+ * The graceful shutdown. Built after everything else, its finalizer runs first, while backends,
+ * recorder and database all still work: it closes the listening socket (a new connection is
+ * refused) and the idle connections, and lets the requests in flight finish for up to
+ * `server.shutdown_grace_ms`; meanwhile a request on a kept-alive connection is still answered
+ * (with `connection: close`) and `/ready` says not ready. Then it cuts what is left: those
+ * requests end as if their clients had gone (recorded as cancelled, their backends' answers drained
+ * for usage for up to `metering.drain_after_disconnect_ms`). Then the layers close in order, and
+ * the event writer commits what was queued.
+ */
+const drainOnShutdown = Layer.scopedDiscard(
+  Effect.gen(function* () {
+    const { server, requests } = yield* ApiServer
+    const settings = yield* Settings.Settings
+    const pool = yield* BackendPool.BackendPool
+    const readiness = yield* Readiness.Readiness
+    yield* readiness.register(
+      "serving",
+      Effect.suspend(() => (requests.draining ? Effect.fail("shutting down") : Effect.void))
     )
-  ).pipe(Layer.provide(NodeContext.layer))
+    const { shutdownGraceMs } = settings.server
+    /** Every backend answer has been released: finished, or cut and drained for its usage. */
+    const backendsDone = Effect.map(pool.status, (replicas) => replicas.every((r) => r.inFlight === 0))
+    yield* Effect.addFinalizer(() =>
+      Effect.gen(function* () {
+        requests.draining = true
+        yield* Effect.logInfo("shutting down", { in_flight: requests.count, grace_ms: shutdownGraceMs })
+        server.close()
+        // A finalizer is uninterruptible: the waits must be made interruptible to time out.
+        const finished = yield* requests.idle.pipe(
+          Effect.interruptible,
+          Effect.timeoutOption(shutdownGraceMs)
+        )
+        if (Option.isSome(finished)) {
+          server.closeIdleConnections()
+        } else {
+          yield* Effect.logWarning("shutdown grace period over: cutting the requests still in flight", {
+            in_flight: requests.count
+          })
+          server.closeAllConnections()
+        }
+        // Answers cut short (here, or by clients just before) are drained for their usage, then
+        // recorded: their backend leases are released just before their terminal events are queued.
+        if (!(yield* backendsDone)) {
+          yield* backendsDone.pipe(
+            Effect.repeat({ schedule: Schedule.spaced("20 millis"), until: (done) => done }),
+            Effect.interruptible,
+            Effect.timeoutOption(settings.metering.drainAfterDisconnectMs + cutMarginMs)
+          )
+          yield* Effect.sleep("50 millis")
+        }
+      })
+    )
+  })
+).pipe(Layer.provide(Readiness.Readiness.Default))
+
+/** How much longer than `metering.drain_after_disconnect_ms` cut answers may take to be recorded. */
+const cutMarginMs = 1_000
+
+/**
+ * Closing the layers after the drain: the event writer's flush is bounded at 10 s, then the
+ * database and the backends close.
+ */
+const teardownMs = 15_000
+
+/**
+ * The longest a shutdown may take: the grace period, the drain of the answers cut at its end,
+ * and the teardown. The process exits anyway once it is over (see main.ts).
+ */
+export const shutdownBudgetMs = (config: GatewayConfig.GatewayConfig): number =>
+  config.server.shutdownGraceMs + config.metering.drainAfterDisconnectMs + cutMarginMs + teardownMs
+
+/** Start-up failed: the metrics port (`server.metrics_port`) could not be listened on. */
+export class MetricsPortError extends Data.TaggedError("MetricsPortError")<{ readonly message: string }> {}
+
+const pathOf = (url: string) => {
+  const q = url.indexOf("?")
+  return q === -1 ? url : url.slice(0, q)
+}
+
+/**
+ * `server.metrics_port`: a second port on the same host serving only `GET /metrics`, without
+ * auth, for Prometheus (the API port's `/metrics` needs the admin key). It closes after the drain.
+ */
+const metricsEndpoint = Layer.scopedDiscard(
+  Effect.gen(function* () {
+    const { metricsPort, host } = (yield* Settings.Settings).server
+    if (metricsPort === undefined) return
+    const metrics = yield* Metrics.Metrics
+    const endpoint = yield* NodeHttpServer.make(() => createServer(), { port: metricsPort, host }).pipe(
+      Effect.mapError(
+        (error) =>
+          new MetricsPortError({
+            message: `cannot listen for metrics: ${error.cause instanceof Error ? error.cause.message : String(error.cause)} (set server.metrics_port or METRICS_PORT to another port)`
+          })
+      )
+    )
+    yield* endpoint.serve(
+      Effect.flatMap(HttpServerRequest.HttpServerRequest, (request) =>
+        request.method === "GET" && pathOf(request.url) === "/metrics"
+          ? Effect.map(metrics.render, (text) =>
+              HttpServerResponse.text(text, { contentType: metrics.contentType })
+            )
+          : Effect.succeed(HttpServerResponse.text("not found\n", { status: 404 }))
+      )
+    )
+    const address = endpoint.address
+    if (address._tag === "TcpAddress") {
+      yield* Effect.logInfo("metrics served", { url: `http://${address.hostname}:${address.port}/metrics` })
+    }
+  })
+)
+
+/** The config file with the process's own overrides (`PORT`, `HOST`, `SHUTDOWN_GRACE_MS`, `METRICS_PORT`). */
+export const loadConfig = (options: Options) =>
+  Effect.map(ConfigLoader.load(options.configPath), (config) => {
+    const { port, host, shutdownGraceMs, metricsPort } = options
+    if (
+      port === undefined &&
+      host === undefined &&
+      shutdownGraceMs === undefined &&
+      metricsPort === undefined
+    ) {
+      return config
+    }
+    return GatewayConfig.GatewayConfig.make({
+      ...config,
+      server: GatewayConfig.ServerConfig.make({
+        ...config.server,
+        port: port ?? config.server.port,
+        host: host ?? config.server.host,
+        shutdownGraceMs: shutdownGraceMs ?? config.server.shutdownGraceMs,
+        ...(metricsPort === undefined ? {} : { metricsPort })
+      })
+    })
+  }).pipe(Effect.provide(NodeContext.layer))
+
+const settings = (options: Options) => Layer.effect(Settings.Settings, loadConfig(options))
 
 /** Where the buckets live: Redis shared by every replica, or this process's memory. */
 const limiterStore = (options: Options): Layer.Layer<LimiterStore.LimiterStore, never, Settings.Settings> =>
@@ -228,27 +439,29 @@ export const layer = (options: Options) => {
     recording || auth
       ? HttpApp.layer.pipe(
           Layer.provideMerge(
-            Layer.mergeAll(
-              auth
-                ? options.devKey === true
-                  ? Layer.provideMerge(devKey, tenancy(options))
-                  : Layer.merge(tenancy(options), noDevAccess)
-                : Layer.merge(tenancyDisabled(options), noDevAccess),
-              recording ? Recording.layer : Recording.layerDisabled
-            )
+            auth
+              ? options.devKey === true
+                ? Layer.provideMerge(devKey, tenancy(options))
+                : Layer.merge(tenancy(options), noDevAccess)
+              : Layer.merge(tenancyDisabled(options), noDevAccess)
           ),
+          // Under the admin API: its dead-letter queue records retries.
+          Layer.provideMerge(recording ? Recording.layer : Recording.layerDisabled),
           Layer.provide(Recording.database)
         )
       : HttpApp.layer.pipe(
           Layer.provideMerge(Layer.mergeAll(tenancyDisabled(options), Recording.layerDisabled, noDevAccess)),
           Layer.provide(Layer.mergeAll(Readiness.Readiness.Default, Meter.Meter.Default))
         )
-  const backends = BackendPool.layer({ gateway: options.gatewayId ?? `${hostname()}:${process.pid}` }).pipe(
+  const gatewayId = options.gatewayId ?? `${hostname()}:${process.pid}`
+  const backends = BackendPool.layer({ gateway: gatewayId }).pipe(
     Layer.provide(
       recording ? BackendJournal.layer.pipe(Layer.provide(Recording.database)) : BackendJournal.layerNone
     )
   )
-  return app.pipe(
+  // The drain is built last so that, on shutdown, it runs before anything else closes.
+  return drainOnShutdown.pipe(
+    Layer.provideMerge(Layer.merge(app, metricsEndpoint)),
     Layer.provide(
       Layer.mergeAll(Dispatcher.Dispatcher.Default, Router.Router.Default, Metrics.Metrics.Default)
     ),
@@ -257,7 +470,11 @@ export const layer = (options: Options) => {
     Layer.provide(OpenAiCompatible.layer),
     Layer.provideMerge(server),
     Layer.provide(settings(options)),
-    // Spans cost allocations on every request; tracing turns them on when an exporter is set.
-    Layer.provide(Tracing.layerDisabled)
+    // Spans cost allocations on every request: on only when there is somewhere to export them.
+    Layer.provide(
+      options.tracing === undefined
+        ? Tracing.layerDisabled
+        : Tracing.layerOtlp({ ...options.tracing, instanceId: gatewayId })
+    )
   )
 }

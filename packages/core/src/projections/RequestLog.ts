@@ -140,6 +140,8 @@ export const projection: Projection.Projection<Map<string, Row>> = {
         row.attempts = d.attempt
         break
       case "RequestCompleted":
+        // A dead-letter retry can complete a request that failed before: its error is history.
+        row.error = undefined
         Object.assign(row, {
           outcome: "completed",
           model: d.model,
@@ -203,9 +205,12 @@ export const projection: Projection.Projection<Map<string, Row>> = {
         // Whatever the batch boundaries: the first arrival time stands, later facts win.
         c === "last_position"
           ? `${c} = excluded.${c}`
-          : firstStands.has(c)
-            ? `${c} = coalesce(t.${c}, excluded.${c})`
-            : `${c} = coalesce(excluded.${c}, t.${c})`
+          : c === "error"
+            ? // Completed (a dead-letter retry after a failure) clears the failure's error.
+              `${c} = CASE WHEN excluded.outcome = 'completed' THEN excluded.${c} ELSE coalesce(excluded.${c}, t.${c}) END`
+            : firstStands.has(c)
+              ? `${c} = coalesce(t.${c}, excluded.${c})`
+              : `${c} = coalesce(excluded.${c}, t.${c})`
       )
       .join(",\n           ")
     return Effect.flatMap(SqlClient.SqlClient, (sql) =>
