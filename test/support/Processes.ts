@@ -44,8 +44,8 @@ export const eventually = <A, E, R>(
   )
 }
 
-/** A TCP port that was free on 127.0.0.1 a moment ago. */
-export const freePort: Effect.Effect<number> = Effect.async((resume) => {
+/** A TCP port the kernel had free on 127.0.0.1 a moment ago. */
+const unusedPort: Effect.Effect<number> = Effect.async((resume) => {
   const server = Net.createServer()
   server.once("error", (error) => resume(Effect.die(error)))
   server.listen(0, "127.0.0.1", () => {
@@ -53,6 +53,40 @@ export const freePort: Effect.Effect<number> = Effect.async((resume) => {
     const port = typeof address === "object" && address !== null ? address.port : 0
     server.close(() => resume(port > 0 ? Effect.succeed(port) : Effect.dieMessage("no free port")))
   })
+})
+
+/**
+ * Ports handed out to any test worker, as files created exclusively: between a port being found
+ * free and a process listening on it there are seconds (a gateway's start), in which the kernel
+ * can give the same port to another worker, whose health check would then reach the wrong process.
+ * A reservation older than `reservationMs` is stale (a run that ended) and may be taken again.
+ */
+const reservations = Path.join(Os.tmpdir(), "gateway-test-ports")
+const reservationMs = 30 * 60_000
+
+const reserve = (port: number): Effect.Effect<boolean> =>
+  Effect.promise(async () => {
+    await Fs.mkdir(reservations, { recursive: true })
+    const file = Path.join(reservations, String(port))
+    try {
+      await (await Fs.open(file, "wx")).close()
+      return true
+    } catch {
+      const stat = await Fs.stat(file).catch(() => undefined)
+      if (stat === undefined || Date.now() - stat.mtimeMs < reservationMs) return false
+      const now = new Date()
+      await Fs.utimes(file, now, now)
+      return true
+    }
+  })
+
+/** A TCP port free on 127.0.0.1 a moment ago and handed to no other test worker of this run. */
+export const freePort: Effect.Effect<number> = Effect.gen(function* () {
+  for (let tries = 0; tries < 50; tries++) {
+    const port = yield* unusedPort
+    if (yield* reserve(port)) return port
+  }
+  return yield* Effect.dieMessage("no free port that another test worker had not taken")
 })
 
 /** A temporary directory, removed with its content when the scope closes. */
