@@ -1,6 +1,6 @@
 /**
  * Real processes for the end-to-end tests: the simulated backend and the gateway, each started
- * as `node --import tsx <main.ts>` from the repository root, waited for on `GET /health`, and
+ * from the repository root (as a bundle built for the run: see Programs.ts), waited for on `GET /health`, and
  * stopped by PID (SIGTERM, then SIGKILL after a grace period) when their scope closes. A test file
  * starts its processes once, in a scoped layer (`layer(..., { excludeTestServices: true })`).
  */
@@ -10,13 +10,10 @@ import * as Net from "node:net"
 import * as Os from "node:os"
 import * as Path from "node:path"
 import * as Readline from "node:readline"
-import { fileURLToPath } from "node:url"
 import { Database } from "@gateway/event-store"
 import { Duration, Effect, Option, type Scope } from "effect"
 import type { SimConfig, SimServer } from "../../services/backend-sim/src/index.js"
-
-/** The repository root, where `node --import tsx` finds tsx and the workspace packages. */
-const root = fileURLToPath(new URL("../../", import.meta.url))
+import * as Programs from "./Programs.js"
 
 const graceMs = 3000
 const startDeadline: Duration.DurationInput = "20 seconds"
@@ -137,9 +134,9 @@ const stop = (child: Child): Effect.Effect<void> =>
   })
 
 /**
- * Starts `node --import tsx <script> ...args` in the repository root; stopped when the scope closes.
- * The environment is this process's without `NODE_OPTIONS` and `SIM_*` (which would change the
- * simulator's defaults), plus `env`.
+ * Starts the program `script` (its bundle, or the source through tsx: see Programs.ts) with `args`
+ * in the repository root; stopped when the scope closes. The environment is this process's
+ * without `NODE_OPTIONS` and `SIM_*` (which would change the simulator's defaults), plus `env`.
  */
 export const spawnNode = (
   name: string,
@@ -152,8 +149,8 @@ export const spawnNode = (
       const inherited = Object.fromEntries(
         Object.entries(process.env).filter(([key]) => key !== "NODE_OPTIONS" && !key.startsWith("SIM_"))
       )
-      const proc = spawn(process.execPath, ["--import", "tsx", script, ...args], {
-        cwd: root,
+      const proc = spawn(process.execPath, Programs.nodeArgs(script, args), {
+        cwd: Programs.root,
         env: { ...inherited, ...env },
         stdio: ["ignore", "pipe", "pipe"]
       })

@@ -28,7 +28,8 @@ Cli.run(databases)(process.argv).pipe(
   Effect.tapErrorCause((cause) => {
     if (Cause.isInterruptedOnly(cause)) return Effect.void
     return Option.match(Cause.failureOption(cause), {
-      onNone: () => Effect.logError(cause),
+      // A defect: on stderr with the rest of the errors, where an operator's script looks.
+      onNone: () => Console.error(Cause.pretty(cause)),
       onSome: (error) =>
         Option.match(Cli.describeFailure(error), { onNone: () => Effect.void, onSome: Console.error })
     })

@@ -13,6 +13,7 @@ import { expect, layer } from "@effect/vitest"
 import { Context, Effect, Layer, Redacted } from "effect"
 import { messages, postChat } from "../../../test/support/Http.js"
 import * as Processes from "../../../test/support/Processes.js"
+import * as Programs from "../../../test/support/Programs.js"
 import * as AdminOptions from "../src/AdminOptions.js"
 import type * as AdminViews from "../src/AdminViews.js"
 import * as Gateway from "../src/Gateway.js"
@@ -88,7 +89,7 @@ const cli = (
     )
     execFile(
       process.execPath,
-      ["--import", "tsx", "services/cli/src/main.ts", ...args],
+      Programs.nodeArgs("services/cli/src/main.ts", args),
       { cwd: root, timeout: 30_000, env: { ...inherited, ...env } },
       (error, stdout, stderr) =>
         resume(Effect.succeed({ code: error === null ? 0 : Number(error.code ?? -1), stdout, stderr }))
@@ -105,7 +106,7 @@ const operator = (...args: ReadonlyArray<string>) =>
 
 /** Asserts a successful run and returns its stdout. */
 const succeeded = (run: Run): string => {
-  expect({ code: run.code, stderr: run.stderr }).toEqual({ code: 0, stderr: "" })
+  expect({ code: run.code, stderr: run.stderr }, run.stdout).toEqual({ code: 0, stderr: "" })
   return run.stdout
 }
 

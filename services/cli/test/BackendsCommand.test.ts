@@ -10,6 +10,7 @@ import { describe, expect, it, layer } from "@effect/vitest"
 import { Context, Effect, Layer } from "effect"
 import { messages, postChat } from "../../../test/support/Http.js"
 import * as Processes from "../../../test/support/Processes.js"
+import * as Programs from "../../../test/support/Programs.js"
 import type { Backend } from "../src/AdminViews.js"
 import * as BackendsCommand from "../src/BackendsCommand.js"
 
@@ -201,7 +202,7 @@ const cli = (
     )
     execFile(
       process.execPath,
-      ["--import", "tsx", "services/cli/src/main.ts", ...args],
+      Programs.nodeArgs("services/cli/src/main.ts", args),
       { cwd: root, timeout: 30_000, env: { ...inherited, ...env } },
       (error, stdout, stderr) =>
         resume(Effect.succeed({ code: error === null ? 0 : Number(error.code ?? -1), stdout, stderr }))
@@ -217,7 +218,7 @@ const operator = (...args: ReadonlyArray<string>) =>
 
 /** Asserts a successful run and returns its stdout. */
 const succeeded = (run: Run): string => {
-  expect({ code: run.code, stderr: run.stderr }).toEqual({ code: 0, stderr: "" })
+  expect({ code: run.code, stderr: run.stderr }, run.stdout).toEqual({ code: 0, stderr: "" })
   return run.stdout
 }
 

@@ -13,6 +13,7 @@ import { Context, Effect, Layer } from "effect"
 import * as Admin from "../../../test/support/Admin.js"
 import { messages, postChat } from "../../../test/support/Http.js"
 import * as Processes from "../../../test/support/Processes.js"
+import * as Programs from "../../../test/support/Programs.js"
 
 const root = fileURLToPath(new URL("../../../", import.meta.url))
 const adminKey = Admin.newAdminKey()
@@ -67,7 +68,7 @@ const operator = (...args: ReadonlyArray<string>) =>
       )
       execFile(
         process.execPath,
-        ["--import", "tsx", "services/cli/src/main.ts", ...args],
+        Programs.nodeArgs("services/cli/src/main.ts", args),
         { cwd: root, timeout: 60_000, env: { ...inherited, GATEWAY_URL: gateway.url, ADMIN_KEY: adminKey } },
         (error, stdout, stderr) =>
           resume(Effect.succeed({ code: error === null ? 0 : Number(error.code ?? -1), stdout, stderr }))
@@ -80,7 +81,7 @@ const operator = (...args: ReadonlyArray<string>) =>
   )
 
 const succeeded = (run: Run): string => {
-  expect({ code: run.code, stderr: run.stderr }).toEqual({ code: 0, stderr: "" })
+  expect({ code: run.code, stderr: run.stderr }, run.stdout).toEqual({ code: 0, stderr: "" })
   return run.stdout
 }
 

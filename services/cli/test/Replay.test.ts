@@ -14,6 +14,7 @@ import { Projections } from "@gateway/core"
 import { Events, Ids } from "@gateway/domain"
 import { Database, EventStore, Projection, ProjectionRunner } from "@gateway/event-store"
 import { Config, Effect, Either, Exit, Fiber, Layer, Option, Schedule, Stream } from "effect"
+import * as Programs from "../../../test/support/Programs.js"
 import * as Cli from "../src/Cli.js"
 import * as LogCursor from "../src/LogCursor.js"
 import * as Progress from "../src/Progress.js"
@@ -187,7 +188,7 @@ const spawnCli = (...args: Array<string>) =>
     return yield* Effect.async<{ code: number; stdout: string; stderr: string }>((resume) => {
       execFile(
         process.execPath,
-        ["--import", "tsx", "services/cli/src/main.ts", ...args],
+        Programs.nodeArgs("services/cli/src/main.ts", args),
         {
           cwd: root,
           timeout: 20_000,
