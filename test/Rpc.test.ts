@@ -91,6 +91,10 @@ const failure = <A, E, R>(effect: Effect.Effect<A, E, R>) =>
       : Effect.dieMessage(`expected a failure, got a success`)
   )
 
+/** The request id on a failure, when it has one (a completion's errors do). */
+const requestIdOf = (error: unknown): string | undefined =>
+  (error as { readonly requestId?: string }).requestId
+
 /** An HTTP completion with this key; its `x-gateway-request-id`. */
 const httpCompletion = (url: string, key: string) =>
   Effect.gen(function* () {
@@ -338,6 +342,18 @@ layer(Stack.layer, { excludeTestServices: true, timeout: "60 seconds" })("Rpc", 
         expect(contentChunks(chunks)).toHaveLength(outputTokens)
         expect(chunks.every((c) => c.object === "chat.completion.chunk" && c.model === "small")).toBe(true)
         expect(chunks.filter((c) => c.choices[0]?.finish_reason === "stop")).toHaveLength(1)
+        // The first chunk names the request the gateway recorded; its events end completed.
+        const requestId = chunks[0]!.gateway_request_id!
+        expect(requestId).toEqual(expect.any(String))
+        expect(chunks.slice(1).every((c) => c.gateway_request_id === undefined)).toBe(true)
+        const recorded = yield* Processes.eventually(
+          "the streamed completion's events",
+          Effect.map(alpha.Events.forRequest({ requestId }), (events) =>
+            events.at(-1)?.event._tag === "RequestCompleted" ? events : undefined
+          ),
+          "10 seconds"
+        )
+        expect(recorded[0]!.event._tag).toBe("RequestReceived")
         // Chunk by chunk: the tokens come `itlMs` apart, and so do their arrivals.
         const spread = arrivals.at(-1)! - arrivals[0]!
         expect(spread).toBeGreaterThan((outputTokens - 2) * itlMs * 0.5)
@@ -370,6 +386,15 @@ layer(Stack.layer, { excludeTestServices: true, timeout: "60 seconds" })("Rpc", 
         expect(completion.object).toBe("chat.completion")
         expect(completion.choices[0]!.message.content).toBe(http.choices[0].message.content)
         expect(completion.usage?.completion_tokens).toBe(outputTokens)
+        // The gateway's id of the request, as HTTP's x-gateway-request-id: the key to its events.
+        expect(completion.gateway_request_id).not.toBe(res.headers.get("x-gateway-request-id"))
+        const events = yield* alpha.Events.forRequest({ requestId: completion.gateway_request_id })
+        expect(events.map((e) => e.event._tag)).toEqual([
+          "RequestReceived",
+          "RequestRouted",
+          "AttemptStarted",
+          "RequestCompleted"
+        ])
         // Billed to the service key, like the HTTP request.
         yield* Processes.eventually(
           "the HTTP and the RPC completion in usage",
@@ -418,10 +443,16 @@ layer(Stack.layer, { excludeTestServices: true, timeout: "60 seconds" })("Rpc", 
       expect(
         yield* failure(Stream.runDrain(alpha.ChatCompletion({ model: "small", messages, temperature: 7 })))
       ).toMatchObject({ _tag: "InvalidRequest", param: "temperature" })
-      expect(yield* failure(alpha.ChatCompletionOnce({ model: "nope", messages }))).toMatchObject({
+      // A completion's error names the request it was recorded as (an admin call's has none).
+      const unknownModel = yield* failure(alpha.ChatCompletionOnce({ model: "nope", messages }))
+      expect(unknownModel).toMatchObject({
         _tag: "ModelNotFound",
-        model: "nope"
+        model: "nope",
+        requestId: expect.any(String)
       })
+      const rejected = yield* alpha.Events.forRequest({ requestId: requestIdOf(unknownModel)! })
+      expect(rejected.at(-1)!.event._tag).toBe("RequestRejected")
+      expect(requestIdOf(yield* failure(admin.Tenants.create({ id: "not a tenant id!" })))).toBeUndefined()
     })
   )
 

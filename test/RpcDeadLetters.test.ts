@@ -132,13 +132,19 @@ layer(Stack.layer, { excludeTestServices: true, timeout: "90 seconds" })("Rpc De
     Effect.gen(function* () {
       const { sim, admin, alpha, alphaKey, beta, betaKey, gateway } = yield* Stack
 
-      // Three requests while the backend fails every attempt: one of alpha's, two of beta's.
+      // Three requests while the backend fails every attempt: alpha's through the RPC API, whose
+      // typed error names the request it was recorded as, and two of beta's over HTTP.
       const [a1, b1, b2] = yield* Effect.scoped(
         Effect.gen(function* () {
           yield* sim.withConfig({ errorRate: 1, errorStatus: 503 })
-          const sent = yield* Effect.all([ask(alphaKey.key), ask(betaKey.key), ask(betaKey.key)])
-          expect(sent.map((s) => s.status)).toEqual([503, 503, 503])
-          return sent.map((s) => s.id)
+          const [failed, ...sent] = yield* Effect.all([
+            failure(alpha.ChatCompletionOnce({ model, messages: [{ role: "user", content: "Hello" }] })),
+            ask(betaKey.key),
+            ask(betaKey.key)
+          ])
+          expect(failed).toMatchObject({ _tag: "BackendError", status: 503, requestId: expect.any(String) })
+          expect(sent.map((s) => s.status)).toEqual([503, 503])
+          return [(failed as { readonly requestId?: string }).requestId!, ...sent.map((s) => s.id)]
         })
       )
 

@@ -5,7 +5,7 @@
  * `"Unauthorized"`, `"InvalidRequest"` …, and it is an `Error`), never a wrapper. `close()` ends
  * the client's connections.
  */
-import type { OpenAi } from "@gateway/domain"
+import type { OpenAi, RpcSchemas } from "@gateway/domain"
 import { Cause, Effect, Exit, ManagedRuntime, Runtime, Stream } from "effect"
 import { type Client, GatewayClient, layer, type Options } from "./GatewayClient.js"
 
@@ -27,10 +27,13 @@ export interface PromiseClient {
   /** `list`, `get`, `retry` (`{ requestId }` or `{ filter }`), `discard`: the dead-letter queue. */
   readonly deadLetters: Namespace<Client["DeadLetters"]>
   readonly chat: {
-    /** A streamed completion: its chunks as they arrive; breaking out of the loop cancels it. */
-    readonly stream: (request: OpenAi.ChatCompletionRequest) => AsyncIterable<OpenAi.ChatCompletionChunk>
-    /** A whole completion. */
-    readonly create: (request: OpenAi.ChatCompletionRequest) => Promise<OpenAi.ChatCompletion>
+    /**
+     * A streamed completion: its chunks as they arrive (the first with `gateway_request_id`);
+     * breaking out of the loop cancels it.
+     */
+    readonly stream: (request: OpenAi.ChatCompletionRequest) => AsyncIterable<RpcSchemas.CompletionChunk>
+    /** A whole completion, with `gateway_request_id`. A failure's error has it as `requestId`. */
+    readonly create: (request: OpenAi.ChatCompletionRequest) => Promise<RpcSchemas.Completion>
   }
   /** Ends the client (open calls are interrupted). */
   readonly close: () => Promise<void>
@@ -69,7 +72,7 @@ export const createGatewayClient = (options: Options): PromiseClient => {
               )
     })
 
-  const stream = (request: OpenAi.ChatCompletionRequest): AsyncIterable<OpenAi.ChatCompletionChunk> => ({
+  const stream = (request: OpenAi.ChatCompletionRequest): AsyncIterable<RpcSchemas.CompletionChunk> => ({
     async *[Symbol.asyncIterator]() {
       const chunks = Stream.toAsyncIterableRuntime(
         Stream.unwrap(Effect.map(GatewayClient, (client) => client.ChatCompletion(request))),

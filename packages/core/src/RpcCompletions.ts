@@ -9,7 +9,7 @@
  */
 import type { Headers } from "@effect/platform"
 import { NodeStream } from "@effect/platform-node"
-import { Errors, Ids, OpenAi, RpcApi } from "@gateway/domain"
+import { Errors, Ids, OpenAi, RpcApi, type RpcSchemas } from "@gateway/domain"
 import { Cause, Chunk, Effect, Either, Option, Schema, Stream } from "effect"
 import { Auth, type Principal } from "./Auth.js"
 import { ChatCompletions } from "./ChatCompletions.js"
@@ -136,6 +136,20 @@ export const layer = RpcApi.CompletionRpcs.toLayer(
         ? ErrorResponse.render(error as Errors.GatewayError).status
         : 500
 
+    /**
+     * A copy of the error with the request's id, so the caller can find its events or dead letter
+     * (a copy: some errors are shared constants; `message` is not enumerable, hence descriptors).
+     */
+    const withRequestId =
+      (requestId: string) =>
+      <E extends object>(error: E): E =>
+        "_tag" in error
+          ? Object.defineProperties(Object.create(Object.getPrototypeOf(error)), {
+              ...Object.getOwnPropertyDescriptors(error),
+              requestId: { value: requestId, enumerable: true, writable: false, configurable: true }
+            })
+          : error
+
     /** The key to bill: an `internal` (or `admin`) scoped key; with auth off, nobody. */
     const principalOf = (
       headers: Headers.Headers
@@ -200,11 +214,17 @@ export const layer = RpcApi.CompletionRpcs.toLayer(
             )
           })
         ).pipe(
+          // The first chunk names the request; every later one is the backend's as it came.
+          Stream.mapAccum(true, (first, chunk): readonly [boolean, RpcSchemas.CompletionChunk] => [
+            false,
+            first ? { ...chunk, gateway_request_id: info.requestId } : chunk
+          ]),
           Stream.tapError((error) =>
             Effect.sync(() => {
               status = statusOf(error)
             })
           ),
+          Stream.mapError(withRequestId(info.requestId)),
           // Interrupted by the caller before the end: a client going away (499, as over HTTP).
           Stream.ensuringWith((exit) =>
             over(exit._tag === "Failure" && Cause.isInterruptedOnly(exit.cause) ? 499 : status)
@@ -229,9 +249,10 @@ export const layer = RpcApi.CompletionRpcs.toLayer(
           } catch {
             return Effect.fail(protocol("the answer is not JSON"))
           }
-          return Either.mapLeft(decodeCompletion(json), (e) =>
-            protocol(`not a chat.completion: ${e.message.slice(0, 300)}`)
-          )
+          return Either.match(decodeCompletion(json), {
+            onLeft: (e) => Either.left(protocol(`not a chat.completion: ${e.message.slice(0, 300)}`)),
+            onRight: (completion) => Either.right({ ...completion, gateway_request_id: info.requestId })
+          })
         }).pipe(
           Effect.onExit((exit) =>
             over(
@@ -239,7 +260,8 @@ export const layer = RpcApi.CompletionRpcs.toLayer(
                 ? 200
                 : Option.match(Cause.failureOption(exit.cause), { onNone: () => 499, onSome: statusOf })
             )
-          )
+          ),
+          Effect.mapError(withRequestId(info.requestId))
         )
       }
     }

@@ -4,16 +4,25 @@
  */
 import { Schema } from "effect"
 
+/**
+ * On the errors a completion can end with: the gateway's id of that request (what HTTP sends as
+ * `x-gateway-request-id`), set on the RPC API's answers so a caller can find its events or its
+ * dead letter; absent elsewhere.
+ */
+const answered = { requestId: Schema.optional(Schema.String) }
+
 /** The request body or a field of it is wrong; `param` names the field when there is one. */
 export class InvalidRequest extends Schema.TaggedError<InvalidRequest>()("InvalidRequest", {
   message: Schema.String,
   param: Schema.NullOr(Schema.String),
-  code: Schema.NullOr(Schema.String)
+  code: Schema.NullOr(Schema.String),
+  ...answered
 }) {}
 
 /** The body is larger than the configured limit. */
 export class PayloadTooLarge extends Schema.TaggedError<PayloadTooLarge>()("PayloadTooLarge", {
-  limitBytes: Schema.Number
+  limitBytes: Schema.Number,
+  ...answered
 }) {
   override get message() {
     return `Request body exceeds the limit of ${this.limitBytes} bytes.`
@@ -22,7 +31,8 @@ export class PayloadTooLarge extends Schema.TaggedError<PayloadTooLarge>()("Payl
 
 /** No configured model answers to this name. */
 export class ModelNotFound extends Schema.TaggedError<ModelNotFound>()("ModelNotFound", {
-  model: Schema.String
+  model: Schema.String,
+  ...answered
 }) {
   override get message() {
     return `The model '${this.model}' does not exist or you do not have access to it.`
@@ -66,7 +76,8 @@ export class BackendError extends Schema.TaggedError<BackendError>()("BackendErr
   detail: Schema.String,
   upstream: Schema.optional(Schema.Unknown),
   /** The backend's `retry-after` header, passed on to the client with a 429 or 503. */
-  retryAfter: Schema.optional(Schema.String)
+  retryAfter: Schema.optional(Schema.String),
+  ...answered
 }) {
   override get message() {
     return `Backend ${this.backend} failed (${this.reason}): ${this.detail}`
@@ -79,18 +90,21 @@ export class BackendError extends Schema.TaggedError<BackendError>()("BackendErr
 
 /** The gateway cannot take the request now (e.g. not ready, shutting down). */
 export class ServiceUnavailable extends Schema.TaggedError<ServiceUnavailable>()("ServiceUnavailable", {
-  message: Schema.String
+  message: Schema.String,
+  ...answered
 }) {}
 
 /** No API key, or one that does not exist or was revoked (401 `invalid_api_key`). */
 export class Unauthorized extends Schema.TaggedError<Unauthorized>()("Unauthorized", {
-  message: Schema.String
+  message: Schema.String,
+  ...answered
 }) {}
 
 /** The key is valid but may not do this: call that model, or use an admin route (403). */
 export class Forbidden extends Schema.TaggedError<Forbidden>()("Forbidden", {
   message: Schema.String,
-  code: Schema.String
+  code: Schema.String,
+  ...answered
 }) {}
 
 /** Which limit refused a request. */
@@ -104,7 +118,8 @@ export class RateLimited extends Schema.TaggedError<RateLimited>()("RateLimited"
   scope: Schema.Literal("key", "tenant"),
   capacity: Schema.Number,
   requested: Schema.Number,
-  retryAfterMs: Schema.Number
+  retryAfterMs: Schema.Number,
+  ...answered
 }) {
   override get message() {
     const what =
@@ -123,7 +138,8 @@ export class QuotaExceeded extends Schema.TaggedError<QuotaExceeded>()("QuotaExc
   scope: Schema.Literal("key", "tenant"),
   budgetMicroUsd: Schema.Number,
   period: Schema.String,
-  retryAfterMs: Schema.Number
+  retryAfterMs: Schema.Number,
+  ...answered
 }) {
   override get message() {
     return `You exceeded the ${this.period}ly budget of this ${this.scope === "key" ? "API key" : "organization"} (${(this.budgetMicroUsd / 1e6).toFixed(2)} USD). It resets at the start of the next ${this.period} (UTC).`

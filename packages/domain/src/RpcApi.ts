@@ -11,7 +11,6 @@ import { Rpc, RpcGroup } from "@effect/rpc"
 import { Schema } from "effect"
 import * as DeadLetters from "./DeadLetters.js"
 import * as Errors from "./Errors.js"
-import * as OpenAi from "./OpenAi.js"
 import * as S from "./RpcSchemas.js"
 
 /** A request id with no recorded events (or none this caller may see). */
@@ -186,18 +185,21 @@ export class DeadLettersDiscard extends Rpc.make("DeadLetters.discard", {
 // Completions
 // ---------------------------------------------------------------------------------------------
 
-/** A streamed completion: the chunks as they arrive from the backend (the usage chunk last). */
+/**
+ * A streamed completion: the chunks as they arrive from the backend (the usage chunk last), the
+ * first with the gateway's id of the request; a failure carries it as `requestId`.
+ */
 export class ChatCompletion extends Rpc.make("ChatCompletion", {
   payload: S.ChatRequest,
-  success: OpenAi.ChatCompletionChunk,
+  success: S.CompletionChunk,
   error: CompletionErrors,
   stream: true
 }) {}
 
-/** A whole completion. */
+/** A whole completion, with the gateway's id of the request; a failure carries it as `requestId`. */
 export class ChatCompletionOnce extends Rpc.make("ChatCompletionOnce", {
   payload: S.ChatRequest,
-  success: OpenAi.ChatCompletion,
+  success: S.Completion,
   error: CompletionErrors
 }) {}
 

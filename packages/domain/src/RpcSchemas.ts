@@ -7,7 +7,7 @@
 import { Schema } from "effect"
 import * as Events from "./Events.js"
 import { KeyId, TenantId } from "./Ids.js"
-import type * as OpenAi from "./OpenAi.js"
+import * as OpenAi from "./OpenAi.js"
 import * as Tenancy from "./Tenancy.js"
 
 const optional = <S extends Schema.Schema.Any>(schema: S) => Schema.optionalWith(schema, { exact: true })
@@ -267,6 +267,24 @@ export const ChatRequest = Schema.declare(isObject, {
   identifier: "ChatCompletionRequest",
   description: "an OpenAI chat completion request"
 })
+
+/**
+ * A whole completion as `POST /v1/chat/completions` answers it, with the gateway's id of the
+ * request (HTTP's `x-gateway-request-id`), the key to its recorded events (`Events.forRequest`).
+ * A failed call's error carries the same id as `requestId` (the key to its dead letter).
+ */
+export const Completion = Schema.extend(
+  OpenAi.ChatCompletion,
+  Schema.Struct({ gateway_request_id: Schema.String })
+).annotations({ identifier: "Completion" })
+export type Completion = typeof Completion.Type
+
+/** A streamed chunk; the stream's first chunk carries the gateway's id of the request. */
+export const CompletionChunk = Schema.extend(
+  OpenAi.ChatCompletionChunk,
+  Schema.Struct({ gateway_request_id: optional(Schema.String) })
+).annotations({ identifier: "CompletionChunk" })
+export type CompletionChunk = typeof CompletionChunk.Type
 
 // ---------------------------------------------------------------------------------------------
 // Dead letters
