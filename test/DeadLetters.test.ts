@@ -284,6 +284,38 @@ layer(Stack.layer, { excludeTestServices: true, timeout: "60 seconds" })("dead l
         expect(rows[9]!.data).toMatchObject({ why: "retry" })
         const completed = rows[rows.length - 1]!.data
         expect(completed.completionTokens).toBe(outputTokens)
+        // A retry is traffic: its access line, with what it used, as for any request.
+        const line = yield* Processes.eventually(
+          "the retry's access line",
+          Effect.sync(() =>
+            gateway.logs().find((l) => l.msg === "request" && l.method === "RETRY" && l.request_id === id)
+          ),
+          "3 seconds"
+        )
+        expect(line).toMatchObject({
+          path: "DeadLetters.retry",
+          status: 200,
+          tenant: key.tenant,
+          key_id: key.id,
+          model,
+          completion_tokens: outputTokens
+        })
+        // …and in the request metrics: the tenant's first answer, after its failure.
+        const { adminKey } = yield* Stack
+        const exposition = yield* Effect.promise(() =>
+          fetch(`${gateway.url}/metrics`, { headers: Admin.bearer(adminKey) }).then((r) => r.text())
+        )
+        const counted = (statusClass: string) =>
+          exposition
+            .split("\n")
+            .filter(
+              (l) =>
+                l.startsWith("gateway_requests_total{") &&
+                l.includes(`tenant="${key.tenant}"`) &&
+                l.includes(`status_class="${statusClass}"`)
+            )
+            .reduce((sum, l) => sum + Number(l.split(" ").at(-1)), 0)
+        expect([counted("2xx"), counted("5xx")]).toEqual([1, 1])
 
         yield* noLetter(id)
         yield* admin("GET", `/admin/dead-letters/${id}`, undefined, 404)

@@ -485,8 +485,10 @@ export const make = Effect.gen(function* () {
   })
 })
 
-/** The admin API with its dead-letter queue (which runs retries through the chat pipeline). */
-/** The admin API, and its dead-letter queue for the other transports (the RPC API) to share. */
+/**
+ * The admin API, and its dead-letter queue (which runs retries through the chat pipeline) for the
+ * other transports (the RPC API) to share.
+ */
 export const layer = Layer.effect(AdminApi, make).pipe(
   Layer.provideMerge(DeadLetterQueue.Default),
   Layer.provide(ChatCompletions.Default)

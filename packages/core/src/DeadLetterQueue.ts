@@ -23,9 +23,10 @@ import { EventStore } from "@gateway/event-store"
 import { Effect, FiberSet, Option, Schema } from "effect"
 import { Auth, type Principal } from "./Auth.js"
 import { type Answer, ChatCompletions, type CompletionError } from "./ChatCompletions.js"
-import type { RequestInfo } from "./CurrentRequest.js"
+import { accessFields, type RequestInfo } from "./CurrentRequest.js"
 import * as ErrorResponse from "./ErrorResponse.js"
 import { KeyRegistry } from "./KeyRegistry.js"
+import { Metrics } from "./Metrics.js"
 import { Recorder } from "./Recorder.js"
 
 interface LetterRow {
@@ -157,6 +158,7 @@ export class DeadLetterQueue extends Effect.Service<DeadLetterQueue>()("@gateway
     const chat = yield* ChatCompletions
     const auth = yield* Auth
     const registry = yield* Effect.serviceOption(KeyRegistry)
+    const metrics = yield* Effect.serviceOption(Metrics)
     /** The retries running, owned by the service's scope (not the callers'). */
     const runs = yield* FiberSet.make<DeadLetters.RetryOutcome, never>()
     /** Requests this replica is retrying or discarding now: the in-process guard. */
@@ -339,6 +341,26 @@ export class DeadLetterQueue extends Effect.Service<DeadLetterQueue>()("@gateway
             : outcome("cancelled", null, "the answer's stream ended without a terminal event")
       })
 
+    /**
+     * A retry is traffic like any request: counted in the request metrics (tokens, cost, latency)
+     * and logged with its access line (`method: RETRY`); a retry cut off counts as 499.
+     */
+    const observed =
+      (info: RequestInfo) =>
+      <E, R>(run: Effect.Effect<DeadLetters.RetryOutcome, E, R>) =>
+        Effect.suspend(() => {
+          if (Option.isSome(metrics)) metrics.value.started()
+          return Effect.onExit(run, (exit) => {
+            const status = exit._tag === "Success" ? (exit.value.status ?? 499) : 499
+            const latencyMs = performance.now() - info.startedAt
+            if (Option.isSome(metrics)) metrics.value.finished(info, status, latencyMs)
+            return Effect.logInfo(
+              "request",
+              accessFields(info, { method: "RETRY", path: "DeadLetters.retry" }, status, latencyMs)
+            )
+          })
+        })
+
     const retryOne = (requestId: string, by: string) =>
       exclusively(
         requestId,
@@ -373,6 +395,11 @@ export class DeadLetterQueue extends Effect.Service<DeadLetterQueue>()("@gateway
             clientRequestId: metadata.correlationId === id ? undefined : metadata.correlationId,
             startedAt: performance.now()
           }
+          if (principal !== undefined) {
+            info.keyId = principal.keyId
+            info.keyName = principal.keyName
+            info.tenantId = principal.tenantId
+          }
           const run = settle(
             id,
             n,
@@ -385,6 +412,7 @@ export class DeadLetterQueue extends Effect.Service<DeadLetterQueue>()("@gateway
               route: { why: "retry", detail: `dead-letter retry ${n} by ${by}` }
             })
           ).pipe(
+            observed(info),
             Effect.tap((outcome) =>
               Effect.logInfo("dead letter retried", {
                 request_id: id,
