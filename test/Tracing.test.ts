@@ -265,7 +265,7 @@ layer(Stack.layer, { excludeTestServices: true, timeout: 60_000 })("Tracing", (i
 
     it.effect("a client's unsampled trace is followed: nothing exported, the backend told the same", () =>
       Effect.gen(function* () {
-        const { traced, receiver, proxy } = yield* Stack
+        const { traced, receiver, proxy, log } = yield* Stack
         const client = clientTrace()
         const unsampled = `00-${client.traceId}-${client.spanId}-00`
         const requestId = `trace-${crypto.randomUUID()}`
@@ -278,6 +278,21 @@ layer(Stack.layer, { excludeTestServices: true, timeout: 60_000 })("Tracing", (i
         yield* Effect.promise(() => res.json())
         // Not traced here: the client's own context goes on as it came.
         expect((yield* backendSaw(proxy, requestId)).headers.traceparent).toBe(unsampled)
+        // Its trace id still marks the access line and the events (no span of the gateway's).
+        const line = yield* traced.accessLog(requestId)
+        expect(line.trace_id).toBe(client.traceId)
+        expect(line.span_id).toBeUndefined()
+        const events = yield* Processes.eventually(
+          "the unsampled request's events",
+          Effect.map(
+            log.query<{ type: string; metadata: any }>(
+              `SELECT type, metadata FROM events WHERE stream_id = $1 ORDER BY stream_version`,
+              [`request-${line.request_id as string}`]
+            ),
+            (rows) => (rows.some((r) => r.type === "RequestCompleted") ? rows : undefined)
+          )
+        )
+        expect(events.map((e) => e.metadata.traceId)).toEqual(events.map(() => client.traceId))
         // A sampled request sent after it has been exported: so would this one's spans be, if any.
         const marker = clientTrace()
         const after = yield* Http.postChat(

@@ -40,7 +40,7 @@ export interface RequestInfo {
   promptTokens?: number
   completionTokens?: number
   costMicroUsd?: number
-  /** The request's span (tracing on): stamped on its events and log lines. */
+  /** The request's trace (its span's, or an unsampled client's): stamped on its events and log lines. */
   traceId?: string
   spanId?: string
   /** The client's own `traceparent`, passed on to backends when the gateway does not trace. */
@@ -69,6 +69,8 @@ export const accessFields = (
     status,
     latency_ms: ms(latencyMs)
   }
+  // A traced request's line gets its span from the logger; an unsampled one its client's trace.
+  if (info.traceId !== undefined) fields.trace_id = info.traceId
   if (info.tenantId !== undefined) fields.tenant = info.tenantId
   if (info.keyId !== undefined) fields.key_id = info.keyId
   if (info.keyName !== undefined) fields.key_name = info.keyName

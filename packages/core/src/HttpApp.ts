@@ -285,9 +285,14 @@ const withAccessLog =
       if (!traced || !Tracing.traces(request.url)) return served
       return Tracing.serverSpan(request, sampleRatio, (current) => {
         if (current === undefined) {
-          // Not sampled: no spans, and the client's own trace (if any) goes on to the backend.
+          // Not sampled: no spans, and the client's own trace (if any) goes on to the backend;
+          // its id still goes on the access line and the events, to find them from the client's.
           const traceparent = request.headers.traceparent
-          if (traceparent !== undefined && Tracing.isTraceparent(traceparent)) info.traceparent = traceparent
+          if (traceparent !== undefined && Tracing.isTraceparent(traceparent)) {
+            info.traceparent = traceparent
+            const traceId = traceparent.slice(3, 35)
+            if (traceId !== "00000000000000000000000000000000") info.traceId = traceId
+          }
           return served
         }
         span = current.span
