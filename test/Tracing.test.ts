@@ -9,6 +9,8 @@
  * the client's `traceparent` to the backend as it came.
  */
 import { describe, expect, layer } from "@effect/vitest"
+import { createGatewayClient } from "@gateway/client"
+import type { RpcSchemas } from "@gateway/domain"
 import { Context, Effect, Layer } from "effect"
 import * as EventLog from "./support/EventLog.js"
 import * as Http from "./support/Http.js"
@@ -309,6 +311,70 @@ layer(Stack.layer, { excludeTestServices: true, timeout: 60_000 })("Tracing", (i
           "10 seconds"
         )
         expect(receiver.spans().filter((s) => s.traceId === client.traceId)).toEqual([])
+      })
+    )
+
+    it.effect("an RPC completion's call span carries the GenAI attributes; its events carry the span", () =>
+      Effect.gen(function* () {
+        const { traced, receiver, log } = yield* Stack
+        // Keys are off on this gateway: any bearer will do.
+        const client = createGatewayClient({ url: traced.url, key: "unused" })
+        const answer = yield* Effect.promise(() =>
+          client.chat.create({ model: "small", messages: [{ role: "user", content: "Hello there" }] })
+        )
+        const chunks = yield* Effect.promise(async () => {
+          const out: Array<RpcSchemas.CompletionChunk> = []
+          for await (const chunk of client.chat.stream({
+            model: "small",
+            messages: [{ role: "user", content: "Hello again" }]
+          }))
+            out.push(chunk)
+          return out
+        })
+        yield* Effect.promise(() => client.close())
+        const calls = [
+          { name: "Rpc.ChatCompletionOnce", requestId: answer.gateway_request_id, stream: false },
+          { name: "Rpc.ChatCompletion", requestId: chunks[0]!.gateway_request_id!, stream: true }
+        ]
+        for (const call of calls) {
+          const span = yield* Processes.eventually(
+            `the ${call.name} span`,
+            Effect.sync(() =>
+              receiver
+                .spans()
+                .find((s) => s.name === call.name && s.attributes["gateway.request_id"] === call.requestId)
+            ),
+            "10 seconds"
+          )
+          expect(span.attributes).toMatchObject({
+            "gen_ai.operation.name": "chat",
+            "gen_ai.request.model": "small",
+            "gen_ai.response.model": "small",
+            "gen_ai.usage.output_tokens": outputTokens,
+            "gen_ai.response.finish_reasons": ["stop"],
+            "gateway.backend": "small-1",
+            "gateway.stream": call.stream
+          })
+          // Under the HTTP request's span, over its own steps.
+          const parent = receiver.spans().find((s) => s.spanId === span.parentSpanId)
+          expect(parent?.name).toBe("POST /rpc")
+          const children = receiver.spans().filter((s) => s.parentSpanId === span.spanId)
+          expect(children.map((s) => s.name)).toContain("gateway.attempt")
+          // The completion's events name the call's span, as an HTTP request's name its own.
+          const events = yield* Processes.eventually(
+            `the events of ${call.name}`,
+            Effect.map(
+              log.query<{ type: string; metadata: any }>(
+                `SELECT type, metadata FROM events WHERE stream_id = $1 ORDER BY stream_version`,
+                [`request-${call.requestId}`]
+              ),
+              (rows) => (rows.some((r) => r.type === "RequestCompleted") ? rows : undefined)
+            )
+          )
+          for (const event of events) {
+            expect(event.metadata).toMatchObject({ traceId: span.traceId, spanId: span.spanId })
+          }
+        }
       })
     )
   })

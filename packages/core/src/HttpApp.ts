@@ -207,32 +207,6 @@ export const make = Effect.gen(function* () {
 /** Status recorded for a client that went away before the response was complete (as nginx). */
 const CLIENT_CLOSED = 499
 
-/** The request span's GenAI (OpenTelemetry semantic conventions) and gateway attributes. */
-const annotate = (span: Tracer.Span, otel: OtelApi.Span | undefined, info: RequestInfo) => {
-  span.attribute("gateway.request_id", info.requestId)
-  if (info.tenantId !== undefined) span.attribute("gateway.tenant", info.tenantId)
-  if (info.keyName !== undefined) span.attribute("gateway.key_name", info.keyName)
-  if (info.model === undefined) return
-  span.attribute("gen_ai.operation.name", "chat")
-  span.attribute("gen_ai.request.model", info.requested ?? info.model)
-  if (info.backend !== undefined) {
-    span.attribute("gen_ai.response.model", info.model)
-    span.attribute("gateway.backend", info.backend)
-  }
-  if (info.stream !== undefined) span.attribute("gateway.stream", info.stream)
-  if (info.tier !== undefined) span.attribute("gateway.tier", info.tier)
-  if (info.attempts !== undefined) span.attribute("gateway.attempts", info.attempts)
-  if (info.fallbackFrom !== undefined) span.attribute("gateway.fallback_from", info.fallbackFrom)
-  if (info.promptTokens !== undefined) span.attribute("gen_ai.usage.input_tokens", info.promptTokens)
-  if (info.completionTokens !== undefined) span.attribute("gen_ai.usage.output_tokens", info.completionTokens)
-  if (info.finishReason !== undefined)
-    otel?.setAttribute("gen_ai.response.finish_reasons", [info.finishReason])
-  if (info.ttftMs !== undefined) span.attribute("gen_ai.server.time_to_first_token", info.ttftMs / 1000)
-  if (info.costMicroUsd !== undefined) span.attribute("gateway.cost_usd", info.costMicroUsd / 1e6)
-  if (info.rejection !== undefined) span.attribute("gateway.rejection", info.rejection)
-  if (info.error !== undefined) span.attribute("error.type", info.error)
-}
-
 /**
  * Gives each request its info, and logs it (and counts a chat completion in the metrics) after
  * the response has been sent or abandoned. Traced, the request's span gets its ids (for its
@@ -270,7 +244,7 @@ const withAccessLog =
           if (chat) metrics.finished(info, status, latencyMs)
           if (span !== undefined) {
             span.attribute("http.response.status_code", status)
-            annotate(span, otel, info)
+            Tracing.annotate(span, otel, info)
           }
           const fields = accessFields(
             info,

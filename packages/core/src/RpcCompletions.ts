@@ -17,6 +17,7 @@ import { accessFields, type RequestInfo } from "./CurrentRequest.js"
 import * as ErrorResponse from "./ErrorResponse.js"
 import { Metrics } from "./Metrics.js"
 import { callerOf } from "./RpcHandlers.js"
+import * as Tracing from "./Tracing.js"
 
 const encoder = new TextEncoder()
 const decoder = new TextDecoder()
@@ -119,17 +120,32 @@ export const layer = RpcApi.CompletionRpcs.toLayer(
     const observe = (info: RequestInfo, rpc: string) => {
       metrics.started()
       let over = false
-      return (status: number) =>
-        Effect.suspend(() => {
-          if (over) return Effect.void
-          over = true
-          const latencyMs = performance.now() - info.startedAt
-          metrics.finished(info, status, latencyMs)
-          return Effect.logInfo(
-            "request",
-            accessFields(info, { method: "RPC", path: rpc }, status, latencyMs)
-          )
-        })
+      let spans: Tracing.Spans | undefined
+      return {
+        /**
+         * Inside the call's span (`Rpc.<name>`, traced): its ids go on the request's events and
+         * log lines, and at the end what the completion turned out to be goes on the span.
+         */
+        enter: Effect.map(Tracing.currentSpans, (current) => {
+          spans = current
+          if (current !== undefined) {
+            info.traceId = current.span.traceId
+            info.spanId = current.span.spanId
+          }
+        }),
+        end: (status: number) =>
+          Effect.suspend(() => {
+            if (over) return Effect.void
+            over = true
+            const latencyMs = performance.now() - info.startedAt
+            metrics.finished(info, status, latencyMs)
+            if (spans !== undefined) Tracing.annotate(spans.span, spans.otel, info)
+            return Effect.logInfo(
+              "request",
+              accessFields(info, { method: "RPC", path: rpc }, status, latencyMs)
+            )
+          })
+      }
     }
     const statusOf = (error: unknown) =>
       typeof error === "object" && error !== null && "_tag" in error
@@ -190,10 +206,10 @@ export const layer = RpcApi.CompletionRpcs.toLayer(
     return {
       ChatCompletion: (request, { headers }) => {
         const info = newInfo(headers)
-        const over = observe(info, "ChatCompletion")
+        const observed = observe(info, "ChatCompletion")
         let status = 200
         return Stream.unwrap(
-          Effect.map(run(request, true, headers, info), (answer) => {
+          Effect.map(Effect.zipRight(observed.enter, run(request, true, headers, info)), (answer) => {
             const backend = answer.headers["x-gateway-backend"] ?? "unknown"
             if (answer._tag === "Whole") {
               // A backend that answered a stream request with JSON: one chunk would lie.
@@ -227,35 +243,38 @@ export const layer = RpcApi.CompletionRpcs.toLayer(
           Stream.mapError(withRequestId(info.requestId)),
           // Interrupted by the caller before the end: a client going away (499, as over HTTP).
           Stream.ensuringWith((exit) =>
-            over(exit._tag === "Failure" && Cause.isInterruptedOnly(exit.cause) ? 499 : status)
+            observed.end(exit._tag === "Failure" && Cause.isInterruptedOnly(exit.cause) ? 499 : status)
           )
         )
       },
 
       ChatCompletionOnce: (request, { headers }) => {
         const info = newInfo(headers)
-        const over = observe(info, "ChatCompletionOnce")
-        return Effect.flatMap(run(request, false, headers, info), (answer) => {
-          const backend = answer.headers["x-gateway-backend"] ?? "unknown"
-          const protocol = (detail: string) =>
-            new Errors.BackendError({ reason: "Protocol", backend, detail })
-          if (answer._tag === "Stream") {
-            answer.body.destroy()
-            return Effect.fail(protocol("the backend streamed an answer to a whole request"))
+        const observed = observe(info, "ChatCompletionOnce")
+        return Effect.flatMap(
+          Effect.zipRight(observed.enter, run(request, false, headers, info)),
+          (answer) => {
+            const backend = answer.headers["x-gateway-backend"] ?? "unknown"
+            const protocol = (detail: string) =>
+              new Errors.BackendError({ reason: "Protocol", backend, detail })
+            if (answer._tag === "Stream") {
+              answer.body.destroy()
+              return Effect.fail(protocol("the backend streamed an answer to a whole request"))
+            }
+            let json: unknown
+            try {
+              json = JSON.parse(decoder.decode(answer.body))
+            } catch {
+              return Effect.fail(protocol("the answer is not JSON"))
+            }
+            return Either.match(decodeCompletion(json), {
+              onLeft: (e) => Either.left(protocol(`not a chat.completion: ${e.message.slice(0, 300)}`)),
+              onRight: (completion) => Either.right({ ...completion, gateway_request_id: info.requestId })
+            })
           }
-          let json: unknown
-          try {
-            json = JSON.parse(decoder.decode(answer.body))
-          } catch {
-            return Effect.fail(protocol("the answer is not JSON"))
-          }
-          return Either.match(decodeCompletion(json), {
-            onLeft: (e) => Either.left(protocol(`not a chat.completion: ${e.message.slice(0, 300)}`)),
-            onRight: (completion) => Either.right({ ...completion, gateway_request_id: info.requestId })
-          })
-        }).pipe(
+        ).pipe(
           Effect.onExit((exit) =>
-            over(
+            observed.end(
               exit._tag === "Success"
                 ? 200
                 : Option.match(Cause.failureOption(exit.cause), { onNone: () => 499, onSome: statusOf })

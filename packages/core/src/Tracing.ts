@@ -19,6 +19,7 @@ import {
   type SpanProcessor
 } from "@opentelemetry/sdk-trace-base"
 import { Context, Effect, FiberRef, Layer, Option, Tracer } from "effect"
+import type { RequestInfo } from "./CurrentRequest.js"
 
 export const layerDisabled: Layer.Layer<never> = Layer.mergeAll(
   Layer.setTracerEnabled(false),
@@ -208,12 +209,16 @@ export const currentSpan: Effect.Effect<Tracer.Span | undefined> = Effect.map(
 )
 
 /**
- * The current span with the OpenTelemetry span behind it: Effect's span API writes arrays as
- * JSON text, and the GenAI conventions want some attributes as string arrays.
+ * A span with the OpenTelemetry span behind it: Effect's span API writes arrays as JSON text, and
+ * the GenAI conventions want some attributes as string arrays.
  */
-export const currentSpans: Effect.Effect<
-  { readonly span: Tracer.Span; readonly otel: OtelApi.Span | undefined } | undefined
-> = Effect.flatMap(currentSpan, (span) =>
+export interface Spans {
+  readonly span: Tracer.Span
+  readonly otel: OtelApi.Span | undefined
+}
+
+/** The current span (a real one: tracing on) with the OpenTelemetry span behind it. */
+export const currentSpans: Effect.Effect<Spans | undefined> = Effect.flatMap(currentSpan, (span) =>
   span === undefined
     ? Effect.succeed(undefined)
     : Effect.map(Effect.option(OtelTracer.currentOtelSpan), (otel) => ({
@@ -236,3 +241,32 @@ export const spanned =
             : effect
         )
       : effect
+
+/**
+ * What a request turned out to be, on its span (HTTP's server span, an RPC call's `Rpc.*` span):
+ * the GenAI (OpenTelemetry semantic conventions) and gateway attributes.
+ */
+export const annotate = (span: Tracer.Span, otel: OtelApi.Span | undefined, info: RequestInfo) => {
+  span.attribute("gateway.request_id", info.requestId)
+  if (info.tenantId !== undefined) span.attribute("gateway.tenant", info.tenantId)
+  if (info.keyName !== undefined) span.attribute("gateway.key_name", info.keyName)
+  if (info.model === undefined) return
+  span.attribute("gen_ai.operation.name", "chat")
+  span.attribute("gen_ai.request.model", info.requested ?? info.model)
+  if (info.backend !== undefined) {
+    span.attribute("gen_ai.response.model", info.model)
+    span.attribute("gateway.backend", info.backend)
+  }
+  if (info.stream !== undefined) span.attribute("gateway.stream", info.stream)
+  if (info.tier !== undefined) span.attribute("gateway.tier", info.tier)
+  if (info.attempts !== undefined) span.attribute("gateway.attempts", info.attempts)
+  if (info.fallbackFrom !== undefined) span.attribute("gateway.fallback_from", info.fallbackFrom)
+  if (info.promptTokens !== undefined) span.attribute("gen_ai.usage.input_tokens", info.promptTokens)
+  if (info.completionTokens !== undefined) span.attribute("gen_ai.usage.output_tokens", info.completionTokens)
+  if (info.finishReason !== undefined)
+    otel?.setAttribute("gen_ai.response.finish_reasons", [info.finishReason])
+  if (info.ttftMs !== undefined) span.attribute("gen_ai.server.time_to_first_token", info.ttftMs / 1000)
+  if (info.costMicroUsd !== undefined) span.attribute("gateway.cost_usd", info.costMicroUsd / 1e6)
+  if (info.rejection !== undefined) span.attribute("gateway.rejection", info.rejection)
+  if (info.error !== undefined) span.attribute("error.type", info.error)
+}
