@@ -329,7 +329,13 @@ layer(Layer.empty, { excludeTestServices: true, timeout: 90_000 })("metrics with
         "10 seconds"
       )
 
+      const readAt = (samples: ReadonlyArray<Sample>) =>
+        valueOf(samples, "gateway_projection_lag_read_timestamp_seconds")
+      const before = readAt(yield* scrape(gateway.url, adminKey))
+      expect(before * 1000).toBeGreaterThan(Date.now() - 60_000)
+
       yield* proxy.pause
+      const pausedAt = Date.now() / 1000
       for (let i = 0; i < 4; i++) expect((yield* chat(gateway.url, "none", "small")).status).toBe(200)
       const during = yield* timedScrape
       expect(during.ms).toBeLessThan(3_000)
@@ -339,14 +345,15 @@ layer(Layer.empty, { excludeTestServices: true, timeout: 90_000 })("metrics with
         valueOf(during.samples, "gateway_event_append_failures_total", { reason: "unavailable" })
       ).toBeGreaterThan(0)
       expect(valueOf(during.samples, "gateway_event_writer_refusing")).toBe(0)
-      // The projections' lag cannot be read: the last values read stay.
+      // The projections' lag cannot be read: the last values read stay, and say how old they are.
       expect(lagSamples(during.samples)).toBe(projections.length)
+      expect(readAt((yield* timedScrape).samples)).toBe(readAt(during.samples))
 
       yield* proxy.resume
       yield* Processes.eventually(
-        "the spool drained, as /metrics shows",
+        "the spool drained and the lag read again, as /metrics shows",
         Effect.map(scrape(gateway.url, adminKey), (samples) =>
-          valueOf(samples, "gateway_event_spool_bytes") === 0 ? true : undefined
+          valueOf(samples, "gateway_event_spool_bytes") === 0 && readAt(samples) > pausedAt ? true : undefined
         ),
         "30 seconds"
       )

@@ -9,7 +9,7 @@
  * admin API, projections from the code.
  */
 import { type EventWriter, ProjectionRunner } from "@gateway/event-store"
-import { Effect, Fiber, Option, Ref, type Scope } from "effect"
+import { Clock, Effect, Fiber, Option, Ref, type Scope } from "effect"
 import * as Prom from "prom-client"
 import { BackendPool } from "./BackendPool.js"
 import type { RequestInfo } from "./CurrentRequest.js"
@@ -219,6 +219,11 @@ export class Metrics extends Effect.Service<Metrics>()("@gateway/core/Metrics", 
       labelNames: ["projection"] as const,
       registers
     })
+    const lagReadAt = new Prom.Gauge({
+      name: "gateway_projection_lag_read_timestamp_seconds",
+      help: "When the projections' lag was last read (Unix time; 0 before the first read): while the database is away the lag shows that read's values.",
+      registers
+    })
     appendFailures.inc({ reason: "unavailable" }, 0)
     appendFailures.inc({ reason: "rejected" }, 0)
     const unavailable = appendFailures.labels({ reason: "unavailable" })
@@ -246,9 +251,12 @@ export class Metrics extends Effect.Service<Metrics>()("@gateway/core/Metrics", 
       lagReads.withPermitsIfAvailable(1)(
         lag.pipe(
           Effect.timeout(lagGiveUp),
-          Effect.tap((rows) => {
-            for (const row of rows) projectionLag.set({ projection: row.name }, row.events)
-          }),
+          Effect.tap((rows) =>
+            Effect.map(Clock.currentTimeMillis, (now) => {
+              for (const row of rows) projectionLag.set({ projection: row.name }, row.events)
+              lagReadAt.set(now / 1000)
+            })
+          ),
           Effect.exit
         )
       )
