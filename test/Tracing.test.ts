@@ -356,8 +356,12 @@ layer(Stack.layer, { excludeTestServices: true, timeout: 60_000 })("Tracing", (i
             "gateway.stream": call.stream
           })
           // Under the HTTP request's span, over its own steps.
-          const parent = receiver.spans().find((s) => s.spanId === span.parentSpanId)
-          expect(parent?.name).toBe("POST /rpc")
+          const parent = yield* Processes.eventually(
+            `the parent of ${call.name}`,
+            Effect.sync(() => receiver.spans().find((s) => s.spanId === span.parentSpanId)),
+            "10 seconds"
+          )
+          expect(parent.name).toBe("POST /rpc")
           const children = receiver.spans().filter((s) => s.parentSpanId === span.spanId)
           expect(children.map((s) => s.name)).toContain("gateway.attempt")
           // The completion's events name the call's span, as an HTTP request's name its own.

@@ -56,25 +56,34 @@ const unusedPort: Effect.Effect<number> = Effect.async((resume) => {
  * Ports handed out to any test worker, as files created exclusively: between a port being found
  * free and a process listening on it there are seconds (a gateway's start), in which the kernel
  * can give the same port to another worker, whose health check would then reach the wrong process.
- * A reservation older than `reservationMs` is stale (a run that ended) and may be taken again.
+ * A reservation older than `reservationMs` is stale (a run that ended): it is renamed away (one
+ * worker wins the rename) and the port reserved again. One directory per user.
  */
-const reservations = Path.join(Os.tmpdir(), "gateway-test-ports")
+const reservations = Path.join(Os.tmpdir(), `gateway-test-ports-${Os.userInfo().uid}`)
 const reservationMs = 30 * 60_000
+
+const code = (error: unknown) => (error as { readonly code?: unknown }).code
 
 const reserve = (port: number): Effect.Effect<boolean> =>
   Effect.promise(async () => {
     await Fs.mkdir(reservations, { recursive: true })
     const file = Path.join(reservations, String(port))
-    try {
-      await (await Fs.open(file, "wx")).close()
-      return true
-    } catch {
-      const stat = await Fs.stat(file).catch(() => undefined)
-      if (stat === undefined || Date.now() - stat.mtimeMs < reservationMs) return false
-      const now = new Date()
-      await Fs.utimes(file, now, now)
-      return true
-    }
+    const create = () =>
+      Fs.open(file, "wx").then(
+        (handle) => handle.close().then(() => true),
+        (error) => {
+          if (code(error) === "EEXIST") return false
+          throw error
+        }
+      )
+    if (await create()) return true
+    const stat = await Fs.stat(file).catch(() => undefined)
+    if (stat === undefined || Date.now() - stat.mtimeMs < reservationMs) return false
+    const moved = await Fs.rename(file, `${file}.stale-${process.pid}-${Date.now()}`).then(
+      () => true,
+      () => false
+    )
+    return moved && (await create())
   })
 
 /** A TCP port free on 127.0.0.1 a moment ago and handed to no other test worker of this run. */

@@ -57,11 +57,15 @@ const pglite = async (): Promise<Record<string, string>> => {
   return out
 }
 
-/** Builds every program's bundle (`dist/test-main.mjs`) and tells the test workers to use them. */
-export const buildBundles = async (): Promise<void> => {
+/**
+ * Builds every program's bundle (`dist/test-main-<pid>.mjs`: a file of this run's own, so two runs
+ * in one checkout cannot start each other's half-written bundle) and tells the test workers to use
+ * them; returns what removes them.
+ */
+export const buildBundles = async (): Promise<() => Promise<void>> => {
   const { build } = await import("esbuild")
   const external = await pglite()
-  const file = "test-main.mjs"
+  const file = `test-main-${process.pid}.mjs`
   await Promise.all(
     entries.map((entry) =>
       build({
@@ -71,7 +75,6 @@ export const buildBundles = async (): Promise<void> => {
         platform: "node",
         format: "esm",
         target: "node20",
-        sourcemap: true,
         legalComments: "none",
         logLevel: "warning",
         plugins: [
@@ -92,4 +95,7 @@ export const buildBundles = async (): Promise<void> => {
     )
   )
   process.env[bundlesVariable] = file
+  return async () => {
+    await Promise.all(entries.map((entry) => Fs.rm(bundleOf(entry, file), { force: true })))
+  }
 }

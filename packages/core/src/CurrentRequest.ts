@@ -41,7 +41,7 @@ export interface RequestInfo {
   completionTokens?: number
   costMicroUsd?: number
   /** The request's trace (its span's, or an unsampled client's): stamped on its events and log lines. */
-  traceId?: string
+  traceId?: string | undefined
   spanId?: string
   /** The client's own `traceparent`, passed on to backends when the gateway does not trace. */
   traceparent?: string

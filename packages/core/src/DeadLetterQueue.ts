@@ -20,7 +20,7 @@ import type { Readable } from "node:stream"
 import { SqlClient } from "@effect/sql"
 import { DeadLetters, Errors, Events, Ids } from "@gateway/domain"
 import { EventStore } from "@gateway/event-store"
-import { Effect, FiberSet, Option, Schema } from "effect"
+import { Cause, Effect, FiberSet, Option, Schema } from "effect"
 import { Auth, type Principal } from "./Auth.js"
 import { type Answer, ChatCompletions, type CompletionError } from "./ChatCompletions.js"
 import { accessFields, type RequestInfo } from "./CurrentRequest.js"
@@ -343,7 +343,8 @@ export class DeadLetterQueue extends Effect.Service<DeadLetterQueue>()("@gateway
 
     /**
      * A retry is traffic like any request: counted in the request metrics (tokens, cost, latency)
-     * and logged with its access line (`method: RETRY`); a retry cut off counts as 499.
+     * and logged with its access line (`method: RETRY`); a retry cut off counts as 499, one that
+     * died as 500.
      */
     const observed =
       (info: RequestInfo) =>
@@ -351,7 +352,12 @@ export class DeadLetterQueue extends Effect.Service<DeadLetterQueue>()("@gateway
         Effect.suspend(() => {
           if (Option.isSome(metrics)) metrics.value.started()
           return Effect.onExit(run, (exit) => {
-            const status = exit._tag === "Success" ? (exit.value.status ?? 499) : 499
+            const status =
+              exit._tag === "Success"
+                ? (exit.value.status ?? 499)
+                : Cause.isInterruptedOnly(exit.cause)
+                  ? 499
+                  : 500
             const latencyMs = performance.now() - info.startedAt
             if (Option.isSome(metrics)) metrics.value.finished(info, status, latencyMs)
             return Effect.logInfo(

@@ -264,8 +264,7 @@ const withAccessLog =
           const traceparent = request.headers.traceparent
           if (traceparent !== undefined && Tracing.isTraceparent(traceparent)) {
             info.traceparent = traceparent
-            const traceId = traceparent.slice(3, 35)
-            if (traceId !== "00000000000000000000000000000000") info.traceId = traceId
+            info.traceId = Tracing.clientTraceId(traceparent)
           }
           return served
         }

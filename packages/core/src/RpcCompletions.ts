@@ -117,7 +117,7 @@ export const layer = RpcApi.CompletionRpcs.toLayer(
      * Counts the completion in the metrics and logs its access line once it is over, as the HTTP
      * endpoint does: internal traffic is traffic (`path` names the RPC).
      */
-    const observe = (info: RequestInfo, rpc: string) => {
+    const observe = (info: RequestInfo, rpc: string, headers: Headers.Headers) => {
       metrics.started()
       let over = false
       let spans: Tracing.Spans | undefined
@@ -127,10 +127,14 @@ export const layer = RpcApi.CompletionRpcs.toLayer(
          * log lines, and at the end what the completion turned out to be goes on the span.
          */
         enter: Effect.map(Tracing.currentSpans, (current) => {
-          spans = current
-          if (current !== undefined) {
+          if (current?.span.sampled === true) {
+            spans = current
             info.traceId = current.span.traceId
             info.spanId = current.span.spanId
+          } else if (current !== undefined) {
+            // Not sampled: the call's span is never exported; the client's trace (if any) is
+            // what the request's logs and events can name.
+            info.traceId = Tracing.clientTraceId(headers.traceparent)
           }
         }),
         end: (status: number) =>
@@ -206,7 +210,7 @@ export const layer = RpcApi.CompletionRpcs.toLayer(
     return {
       ChatCompletion: (request, { headers }) => {
         const info = newInfo(headers)
-        const observed = observe(info, "ChatCompletion")
+        const observed = observe(info, "ChatCompletion", headers)
         let status = 200
         return Stream.unwrap(
           Effect.map(Effect.zipRight(observed.enter, run(request, true, headers, info)), (answer) => {
@@ -250,7 +254,7 @@ export const layer = RpcApi.CompletionRpcs.toLayer(
 
       ChatCompletionOnce: (request, { headers }) => {
         const info = newInfo(headers)
-        const observed = observe(info, "ChatCompletionOnce")
+        const observed = observe(info, "ChatCompletionOnce", headers)
         return Effect.flatMap(
           Effect.zipRight(observed.enter, run(request, false, headers, info)),
           (answer) => {

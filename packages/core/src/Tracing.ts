@@ -202,7 +202,20 @@ const traceparentPattern = /^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$/
 /** A well-formed W3C `traceparent` (only those are passed on). */
 export const isTraceparent = (value: string): boolean => traceparentPattern.test(value)
 
-/** The current span when it is a real one (tracing on), for ids on logs and events. */
+/**
+ * The trace id of a client's well-formed `traceparent` (not the invalid all-zero one), for the
+ * logs and events of a request not traced here.
+ */
+export const clientTraceId = (traceparent: string | undefined): string | undefined => {
+  if (traceparent === undefined || !isTraceparent(traceparent)) return undefined
+  const traceId = traceparent.slice(3, 35)
+  return traceId === "00000000000000000000000000000000" ? undefined : traceId
+}
+
+/**
+ * The current span when it is a real one (tracing on), for ids on logs and events; it may be one
+ * not sampled (`span.sampled` false), whose ids are never exported.
+ */
 export const currentSpan: Effect.Effect<Tracer.Span | undefined> = Effect.map(
   Effect.option(Effect.currentSpan),
   (span) => (Option.isSome(span) && span.value.traceId !== "noop" ? span.value : undefined)
@@ -217,7 +230,7 @@ export interface Spans {
   readonly otel: OtelApi.Span | undefined
 }
 
-/** The current span (a real one: tracing on) with the OpenTelemetry span behind it. */
+/** The current span (a real one: tracing on; sampled or not) with the OpenTelemetry span behind it. */
 export const currentSpans: Effect.Effect<Spans | undefined> = Effect.flatMap(currentSpan, (span) =>
   span === undefined
     ? Effect.succeed(undefined)

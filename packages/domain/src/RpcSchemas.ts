@@ -275,7 +275,8 @@ export const ChatRequest = Schema.declare(isObject, {
  */
 export const Completion = Schema.extend(
   OpenAi.ChatCompletion,
-  Schema.Struct({ gateway_request_id: Schema.String })
+  // Optional on the wire: a gateway older than its client does not send it.
+  Schema.Struct({ gateway_request_id: optional(Schema.String) })
 ).annotations({ identifier: "Completion" })
 export type Completion = typeof Completion.Type
 
