@@ -387,7 +387,9 @@ layer(Stack.layer, { excludeTestServices: true, timeout: "60 seconds" })("Rpc", 
         expect(completion.choices[0]!.message.content).toBe(http.choices[0].message.content)
         expect(completion.usage?.completion_tokens).toBe(outputTokens)
         // The gateway's id of the request, as HTTP's x-gateway-request-id: the key to its events.
-        expect(completion.gateway_request_id).toMatch(/^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/)
+        expect(completion.gateway_request_id).toMatch(
+          /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/
+        )
         const events = yield* alpha.Events.forRequest({ requestId: completion.gateway_request_id! })
         expect(events.map((e) => e.event._tag)).toEqual([
           "RequestReceived",
