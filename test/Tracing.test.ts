@@ -381,6 +381,78 @@ layer(Stack.layer, { excludeTestServices: true, timeout: 60_000 })("Tracing", (i
         }
       })
     )
+
+    it.effect(
+      "an RPC call under a client's unsampled trace: nothing exported, the client's trace id on its line and events",
+      () =>
+        Effect.gen(function* () {
+          const { traced, receiver, log } = yield* Stack
+          const client = clientTrace()
+          // The RPC protocol by hand (NDJSON), as a client whose own trace is not sampled sends it.
+          const message = {
+            _tag: "Request",
+            id: "1",
+            tag: "ChatCompletionOnce",
+            payload: { model: "small", messages: Http.messages },
+            traceId: client.traceId,
+            spanId: client.spanId,
+            sampled: false,
+            headers: []
+          }
+          const res = yield* Effect.promise(() =>
+            fetch(`${traced.url}/rpc`, {
+              method: "POST",
+              headers: {
+                "content-type": "application/ndjson",
+                traceparent: `00-${client.traceId}-${client.spanId}-00`
+              },
+              body: `${JSON.stringify(message)}\n`
+            })
+          )
+          expect(res.status).toBe(200)
+          const exit = JSON.parse((yield* Effect.promise(() => res.text())).trim())
+          expect(exit).toMatchObject({ _tag: "Exit", exit: { _tag: "Success" } })
+          const requestId: string = exit.exit.value.gateway_request_id
+          const line = yield* Processes.eventually(
+            "the RPC call's access line",
+            Effect.sync(() => traced.logs().find((l) => l.msg === "request" && l.request_id === requestId)),
+            "3 seconds"
+          )
+          expect(line).toMatchObject({ method: "RPC", path: "ChatCompletionOnce", trace_id: client.traceId })
+          expect(line.span_id).toBeUndefined()
+          const events = yield* Processes.eventually(
+            "the RPC call's events",
+            Effect.map(
+              log.query<{ type: string; metadata: any }>(
+                `SELECT type, metadata FROM events WHERE stream_id = $1 ORDER BY stream_version`,
+                [`request-${requestId}`]
+              ),
+              (rows) => (rows.some((r) => r.type === "RequestCompleted") ? rows : undefined)
+            )
+          )
+          for (const event of events) {
+            expect(event.metadata.traceId).toBe(client.traceId)
+            expect(event.metadata.spanId ?? null).toBeNull()
+          }
+          // A sampled request after it is exported: this call's spans would have been, if any.
+          const marker = clientTrace()
+          const after = yield* Http.postChat(
+            traced.url,
+            { model: "small", messages: Http.messages },
+            { headers: { traceparent: marker.header } }
+          )
+          yield* Effect.promise(() => after.json())
+          yield* Processes.eventually(
+            "the later sampled request's spans",
+            Effect.sync(
+              () => receiver.spans().some((s) => s.traceId === marker.traceId && s.kind === 2) || undefined
+            ),
+            "10 seconds"
+          )
+          expect(receiver.spans().filter((s) => s.attributes["gateway.request_id"] === requestId)).toEqual([])
+          expect(receiver.spans().filter((s) => s.traceId === client.traceId)).toEqual([])
+        })
+    )
   })
 
   describe("without an exporter", () => {

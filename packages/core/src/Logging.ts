@@ -36,13 +36,14 @@ export const format = (options: Logger.Logger.Options<unknown>): string => {
     if (isFields(part)) Object.assign(entry, part)
     else entry.msg = entry.msg === "" ? String(part) : `${entry.msg} ${String(part)}`
   }
-  // Inside a traced span, the line names it (tracing off: there are only no-op spans).
+  // Inside a sampled span, the line names it (tracing off: there are only no-op spans; a span not
+  // sampled, such as an RPC call's under an unsampled request, is never exported: no ids of its).
   const span = Context.getOrElse(
     FiberRefs.getOrDefault(context, FiberRef.currentContext),
     Tracer.ParentSpan,
     noSpan
   )
-  if (span !== undefined && span.traceId !== "noop") {
+  if (span !== undefined && span.sampled && span.traceId !== "noop") {
     entry.trace_id = span.traceId
     entry.span_id = span.spanId
   }
