@@ -108,6 +108,41 @@ const backendSaw = (proxy: RecordingProxy.RecordingProxy, requestId: string) =>
     Effect.sync(() => proxy.requests.find((r) => r.headers["x-request-id"] === requestId))
   )
 
+/** The events of the gateway's request `requestId`, once its RequestCompleted is in the log. */
+const completedEvents = (log: EventLog.EventLog, requestId: string) =>
+  Processes.eventually(
+    `the events of request ${requestId}`,
+    Effect.map(
+      log.query<{ type: string; metadata: any }>(
+        `SELECT type, metadata FROM events WHERE stream_id = $1 ORDER BY stream_version`,
+        [`request-${requestId}`]
+      ),
+      (rows) => (rows.some((r) => r.type === "RequestCompleted") ? rows : undefined)
+    )
+  )
+
+/**
+ * Sends a sampled request and waits for its server span: whatever earlier requests exported has
+ * arrived by then, so what is missing was never sent.
+ */
+const exportedSoFar = (gateway: Processes.Gateway, receiver: OtlpReceiver.OtlpReceiver) =>
+  Effect.gen(function* () {
+    const marker = clientTrace()
+    const after = yield* Http.postChat(
+      gateway.url,
+      { model: "small", messages: Http.messages },
+      { headers: { traceparent: marker.header } }
+    )
+    yield* Effect.promise(() => after.json())
+    yield* Processes.eventually(
+      "the later sampled request's spans",
+      Effect.sync(
+        () => receiver.spans().some((s) => s.traceId === marker.traceId && s.kind === 2) || undefined
+      ),
+      "10 seconds"
+    )
+  })
+
 layer(Stack.layer, { excludeTestServices: true, timeout: 60_000 })("Tracing", (it) => {
   describe("with an OTLP endpoint", () => {
     it.effect("one streamed request is one trace: the client's, through the gateway, to the backend", () =>
@@ -185,16 +220,7 @@ layer(Stack.layer, { excludeTestServices: true, timeout: 60_000 })("Tracing", (i
         expect(line.trace_id).toBe(client.traceId)
         expect(line.span_id).toBe(root.spanId)
         const gatewayId = line.request_id as string
-        const events = yield* Processes.eventually(
-          "the request's events",
-          Effect.map(
-            log.query<{ type: string; metadata: any }>(
-              `SELECT type, metadata FROM events WHERE stream_id = $1 ORDER BY stream_version`,
-              [`request-${gatewayId}`]
-            ),
-            (rows) => (rows.some((r) => r.type === "RequestCompleted") ? rows : undefined)
-          )
-        )
+        const events = yield* completedEvents(log, gatewayId)
         for (const event of events) {
           expect(event.metadata.traceId).toBe(client.traceId)
           expect(event.metadata.spanId).toBe(root.spanId)
@@ -284,32 +310,10 @@ layer(Stack.layer, { excludeTestServices: true, timeout: 60_000 })("Tracing", (i
         const line = yield* traced.accessLog(requestId)
         expect(line.trace_id).toBe(client.traceId)
         expect(line.span_id).toBeUndefined()
-        const events = yield* Processes.eventually(
-          "the unsampled request's events",
-          Effect.map(
-            log.query<{ type: string; metadata: any }>(
-              `SELECT type, metadata FROM events WHERE stream_id = $1 ORDER BY stream_version`,
-              [`request-${line.request_id as string}`]
-            ),
-            (rows) => (rows.some((r) => r.type === "RequestCompleted") ? rows : undefined)
-          )
-        )
+        const events = yield* completedEvents(log, line.request_id as string)
         expect(events.map((e) => e.metadata.traceId)).toEqual(events.map(() => client.traceId))
-        // A sampled request sent after it has been exported: so would this one's spans be, if any.
-        const marker = clientTrace()
-        const after = yield* Http.postChat(
-          traced.url,
-          { model: "small", messages: Http.messages },
-          { headers: { traceparent: marker.header } }
-        )
-        yield* Effect.promise(() => after.json())
-        yield* Processes.eventually(
-          "the later sampled request's spans",
-          Effect.sync(
-            () => receiver.spans().some((s) => s.traceId === marker.traceId && s.kind === 2) || undefined
-          ),
-          "10 seconds"
-        )
+        // Once a later sampled request is exported, so would these spans be, if any.
+        yield* exportedSoFar(traced, receiver)
         expect(receiver.spans().filter((s) => s.traceId === client.traceId)).toEqual([])
       })
     )
@@ -333,7 +337,7 @@ layer(Stack.layer, { excludeTestServices: true, timeout: 60_000 })("Tracing", (i
         })
         yield* Effect.promise(() => client.close())
         const calls = [
-          { name: "Rpc.ChatCompletionOnce", requestId: answer.gateway_request_id, stream: false },
+          { name: "Rpc.ChatCompletionOnce", requestId: answer.gateway_request_id!, stream: false },
           { name: "Rpc.ChatCompletion", requestId: chunks[0]!.gateway_request_id!, stream: true }
         ]
         for (const call of calls) {
@@ -365,16 +369,7 @@ layer(Stack.layer, { excludeTestServices: true, timeout: 60_000 })("Tracing", (i
           const children = receiver.spans().filter((s) => s.parentSpanId === span.spanId)
           expect(children.map((s) => s.name)).toContain("gateway.attempt")
           // The completion's events name the call's span, as an HTTP request's name its own.
-          const events = yield* Processes.eventually(
-            `the events of ${call.name}`,
-            Effect.map(
-              log.query<{ type: string; metadata: any }>(
-                `SELECT type, metadata FROM events WHERE stream_id = $1 ORDER BY stream_version`,
-                [`request-${call.requestId}`]
-              ),
-              (rows) => (rows.some((r) => r.type === "RequestCompleted") ? rows : undefined)
-            )
-          )
+          const events = yield* completedEvents(log, call.requestId)
           for (const event of events) {
             expect(event.metadata).toMatchObject({ traceId: span.traceId, spanId: span.spanId })
           }
@@ -420,35 +415,13 @@ layer(Stack.layer, { excludeTestServices: true, timeout: 60_000 })("Tracing", (i
           )
           expect(line).toMatchObject({ method: "RPC", path: "ChatCompletionOnce", trace_id: client.traceId })
           expect(line.span_id).toBeUndefined()
-          const events = yield* Processes.eventually(
-            "the RPC call's events",
-            Effect.map(
-              log.query<{ type: string; metadata: any }>(
-                `SELECT type, metadata FROM events WHERE stream_id = $1 ORDER BY stream_version`,
-                [`request-${requestId}`]
-              ),
-              (rows) => (rows.some((r) => r.type === "RequestCompleted") ? rows : undefined)
-            )
-          )
+          const events = yield* completedEvents(log, requestId)
           for (const event of events) {
             expect(event.metadata.traceId).toBe(client.traceId)
             expect(event.metadata.spanId ?? null).toBeNull()
           }
-          // A sampled request after it is exported: this call's spans would have been, if any.
-          const marker = clientTrace()
-          const after = yield* Http.postChat(
-            traced.url,
-            { model: "small", messages: Http.messages },
-            { headers: { traceparent: marker.header } }
-          )
-          yield* Effect.promise(() => after.json())
-          yield* Processes.eventually(
-            "the later sampled request's spans",
-            Effect.sync(
-              () => receiver.spans().some((s) => s.traceId === marker.traceId && s.kind === 2) || undefined
-            ),
-            "10 seconds"
-          )
+          // Once a later sampled request is exported, so would these spans be, if any.
+          yield* exportedSoFar(traced, receiver)
           expect(receiver.spans().filter((s) => s.attributes["gateway.request_id"] === requestId)).toEqual([])
           expect(receiver.spans().filter((s) => s.traceId === client.traceId)).toEqual([])
         })
