@@ -264,7 +264,7 @@ const withAccessLog =
           const traceparent = request.headers.traceparent
           if (traceparent !== undefined && Tracing.isTraceparent(traceparent)) {
             info.traceparent = traceparent
-            info.traceId = Tracing.clientTraceId(traceparent)
+            info.traceId = Tracing.traceIdOf(traceparent)
           }
           return served
         }

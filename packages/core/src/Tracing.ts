@@ -206,8 +206,11 @@ export const isTraceparent = (value: string): boolean => traceparentPattern.test
  * The trace id of a client's well-formed `traceparent` (not the invalid all-zero one), for the
  * logs and events of a request not traced here.
  */
-export const clientTraceId = (traceparent: string | undefined): string | undefined => {
-  if (traceparent === undefined || !isTraceparent(traceparent)) return undefined
+export const clientTraceId = (traceparent: string | undefined): string | undefined =>
+  traceparent === undefined || !isTraceparent(traceparent) ? undefined : traceIdOf(traceparent)
+
+/** The trace id of a `traceparent` already found well-formed (`isTraceparent`), unless all zeros. */
+export const traceIdOf = (traceparent: string): string | undefined => {
   const traceId = traceparent.slice(3, 35)
   return traceId === "00000000000000000000000000000000" ? undefined : traceId
 }
